@@ -1,0 +1,264 @@
+"""Hugging Face `transformers` BLT checkpoints (`config.json` + `model.safetensors`) <-> bltjax.
+
+The format is the one `BltForCausalLM.save_pretrained` writes and the released BLT-1B/7B
+conversions use. Reading needs neither torch nor transformers: tensors come from safetensors' numpy
+API (bf16 tensors, which numpy cannot name, are read from the file's byte offsets via ml_dtypes).
+
+One table, `key_map`, lists every tensor: our parameter path, the HF name(s) (one per layer for
+scanned stacks) and whether the matrix is transposed (PyTorch Linear weights are [out, in]).
+"""
+
+import json
+import logging
+import os
+import struct
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+
+from bltjax.model.config import (BLTConfig, EntropyModelConfig, PatchingConfig, RuntimeConfig,
+                                 TransformerConfig)
+
+Path = tuple[str, ...]
+
+_BLOCK = {  # our Block sub-path -> (HF sub-name, transpose)
+    ("attention_norm", "scale"): ("input_layernorm.weight", False),
+    ("attention", "wq", "kernel"): ("self_attn.q_proj.weight", True),
+    ("attention", "wk", "kernel"): ("self_attn.k_proj.weight", True),
+    ("attention", "wv", "kernel"): ("self_attn.v_proj.weight", True),
+    ("attention", "wo", "kernel"): ("self_attn.o_proj.weight", True),
+    ("ffn_norm", "scale"): ("post_attention_layernorm.weight", False),
+    ("feed_forward", "w1", "kernel"): ("mlp.gate_proj.weight", True),
+    ("feed_forward", "w3", "kernel"): ("mlp.up_proj.weight", True),
+    ("feed_forward", "w2", "kernel"): ("mlp.down_proj.weight", True),
+}
+_CROSS = {
+    ("cross_attn_norm_q", "scale"): ("q_norm.weight", False),
+    ("cross_attn_norm_kv", "scale"): ("k_norm.weight", False),  # shared by keys and values
+    ("wq", "kernel"): ("q_proj.weight", True),
+    ("wk", "kernel"): ("k_proj.weight", True),
+    ("wv", "kernel"): ("v_proj.weight", True),
+    ("wo", "kernel"): ("o_proj.weight", True),
+}
+
+
+def _stacked(ours: Path, hf_prefix: str, n: int, table) -> list:
+  return [(ours + sub, [f"{hf_prefix}.{i}.{name}" for i in range(n)], t)
+          for sub, (name, t) in table.items()]
+
+
+def blt_key_map(cfg: BLTConfig) -> list[tuple[Path, str | list[str], bool]]:
+  """(our param path, HF name or per-layer names, transpose) for every BLT tensor."""
+  enc, lat, dec = cfg.encoder, cfg.latent, cfg.decoder
+  m = [(("embed", "tok_embeddings", "embedding"), "model.local_encoder.embed_tokens.weight", False)]
+  if cfg.num_hash_tables:
+    m.append((("embed", "hash_embeddings", "embedding"),
+              "model.encoder_hash_tok_embedding.weight", False))
+  m += _stacked(("local_encoder", "stack", "layers"), "model.local_encoder.layers",
+                enc.n_layers, _BLOCK)
+  m.append((("local_encoder", "patch_embedding_projection", "kernel"),
+            "model.local_encoder.patch_embedding_projection.weight", True))
+  n_ca = enc.n_layers if cfg.cross_attn_all_layers_encoder else 1
+  m += _stacked(("local_encoder", "cross_attn"), "model.local_encoder.cross_attn_layers", n_ca,
+                _CROSS)
+  if cfg.latent_input_dim != lat.dim:
+    m.append((("latent", "token_embedding_projection", "kernel"),
+              "model.global_transformer.token_embedding_projection.weight", True))
+  m += _stacked(("latent", "stack", "layers"), "model.global_transformer.layers", lat.n_layers,
+                _BLOCK)
+  m.append((("local_decoder", "patch_embedding_projection", "kernel"),
+            "model.local_decoder.patch_embedding_projection.weight", True))
+  if cfg.cross_attn_all_layers_decoder:
+    m += _stacked(("local_decoder", "layers", "cross_attn"), "model.local_decoder.cross_attn_layers",
+                  dec.n_layers, _CROSS)
+    m += _stacked(("local_decoder", "layers", "block"), "model.local_decoder.layers", dec.n_layers,
+                  _BLOCK)
+  else:
+    m += [(("local_decoder", "cross_attn") + sub, f"model.local_decoder.cross_attn_layers.0.{name}", t)
+          for sub, (name, t) in _CROSS.items()]
+    m += _stacked(("local_decoder", "stack", "layers"), "model.local_decoder.layers", dec.n_layers,
+                  _BLOCK)
+  m.append((("local_decoder", "norm", "scale"), "model.local_decoder.norm.weight", False))
+  m.append((("local_decoder", "output", "kernel"), "lm_head.weight", True))
+  return m
+
+
+def entropy_key_map(cfg: EntropyModelConfig, prefix: str = "model.patcher.") -> list:
+  m = [(("tok_embeddings", "embedding"), prefix + "embed_tokens.weight", False)]
+  m += _stacked(("stack", "layers"), prefix + "layers", cfg.transformer.n_layers, _BLOCK)
+  m.append((("norm", "scale"), prefix + "norm.weight", False))
+  m.append((("output", "kernel"), prefix + "lm_head.weight", True))
+  return m
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading.
+
+
+class SafetensorsReader:
+  """Lazy reader over `model.safetensors` or a sharded `model.safetensors.index.json`."""
+
+  def __init__(self, directory: str):
+    index = os.path.join(directory, "model.safetensors.index.json")
+    single = os.path.join(directory, "model.safetensors")
+    if os.path.exists(index):
+      with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+      self.files = {k: os.path.join(directory, v) for k, v in weight_map.items()}
+    elif os.path.exists(single):
+      with safe_open(single, framework="np") as f:
+        self.files = {k: single for k in f.keys()}
+    else:
+      raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+
+  def names(self) -> set[str]:
+    return set(self.files)
+
+  def get(self, name: str) -> np.ndarray:
+    path = self.files[name]
+    with safe_open(path, framework="np") as f:
+      try:
+        return f.get_tensor(name)
+      except TypeError:  # numpy has no bfloat16: read the raw bytes at the header's offsets.
+        return _read_raw(path, name)
+
+
+def _read_raw(path: str, name: str) -> np.ndarray:
+  with open(path, "rb") as f:
+    header_len = struct.unpack("<Q", f.read(8))[0]
+    meta = json.loads(f.read(header_len))[name]
+    if meta["dtype"] != "BF16":
+      raise ValueError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
+    start, end = meta["data_offsets"]
+    f.seek(8 + header_len + start)
+    buf = f.read(end - start)
+  return np.frombuffer(buf, dtype=ml_dtypes.bfloat16).reshape(meta["shape"])
+
+
+def _set(tree: dict, path: Path, value):
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def _get(tree, path: Path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def hf_names(key_map) -> set[str]:
+  return {n for _, names, _ in key_map for n in ([names] if isinstance(names, str) else names)}
+
+
+def _listing(names) -> str:
+  names = sorted(names)
+  return str(names[:20]) + (f" (+{len(names) - 20} more)" if len(names) > 20 else "")
+
+
+def check_tensor_names(reader: SafetensorsReader, *key_maps, where: str):
+  """Raises naming every tensor the config needs but the file lacks, and every one left over."""
+  wanted = set().union(*(hf_names(m) for m in key_maps))
+  missing, extra = wanted - reader.names(), reader.names() - wanted
+  problems = ([f"missing tensor(s) {_listing(missing)}"] if missing else []) + (
+      [f"unexpected tensor(s) {_listing(extra)}"] if extra else [])
+  if problems:
+    raise ValueError(f"{where}: checkpoint does not match its config.json: " + "; ".join(problems))
+
+
+def load_params(reader: SafetensorsReader, key_map, expected_shapes: dict, *, where: str,
+                dtype=np.float32) -> dict:
+  """Builds a nested param dict from HF tensors; names every misshaped tensor."""
+  params: dict = {}
+  for path, names, transpose in key_map:
+    arrays = [reader.get(n) for n in ([names] if isinstance(names, str) else names)]
+    arrays = [a.T if transpose else a for a in arrays]
+    value = arrays[0] if isinstance(names, str) else np.stack(arrays)
+    want = expected_shapes.get(path)
+    if want is not None and tuple(value.shape) != tuple(want):
+      shown = names if isinstance(names, str) else f"{names[0]} (x{len(names)} layers)"
+      raise ValueError(f"{where}: tensor {shown} has shape {value.shape} after conversion but "
+                       f"parameter {'/'.join(path)} needs {tuple(want)}")
+    _set(params, path, np.asarray(value, dtype=dtype))
+  return params
+
+
+# ------------------------------------------------------------------------------------------------
+# Config translation.
+
+
+def _theta(sub: dict, default: float) -> float:
+  rope = sub.get("rope_parameters") or {}
+  return float(rope.get("rope_theta", sub.get("rope_theta", default)))
+
+
+def _transformer(sub: dict, window, where: str, default_theta: float) -> TransformerConfig:
+  try:
+    hidden, heads = int(sub["hidden_size"]), int(sub["num_attention_heads"])
+    return TransformerConfig(
+        dim=hidden, n_layers=int(sub["num_hidden_layers"]), n_heads=heads,
+        n_kv_heads=int(sub.get("num_key_value_heads") or heads),
+        ffn_dim=int(sub.get("intermediate_size") or int(8 * hidden / 3)),
+        rope_theta=_theta(sub, default_theta), norm_eps=float(sub.get("rms_norm_eps", 1e-5)),
+        attn_window=None if window is None else int(window))
+  except KeyError as e:
+    raise ValueError(f"config.json: {where} has no field {e.args[0]!r}") from None
+
+
+def configs_from_hf(hf: dict[str, Any], runtime: RuntimeConfig):
+  """config.json dict -> (BLTConfig, EntropyModelConfig | None, PatchingConfig)."""
+  if hf.get("model_type") != "blt":
+    raise ValueError(f"config.json: model_type is {hf.get('model_type')!r}, expected 'blt'")
+  enc, dec, glb = hf["encoder_config"], hf["decoder_config"], hf["global_config"]
+  window = hf.get("local_attention_window_len")
+  if enc["num_attention_heads"] != dec["num_attention_heads"]:
+    # The port gives each cross-attention its side's head count; the reference has one
+    # cross_attn_nheads. Every released model has equal counts.
+    raise ValueError("config.json: encoder_config.num_attention_heads "
+                     f"({enc['num_attention_heads']}) != decoder_config.num_attention_heads "
+                     f"({dec['num_attention_heads']}) is not supported")
+  if int(dec.get("hidden_size_global", glb["hidden_size"])) != int(glb["hidden_size"]):
+    raise ValueError(f"config.json: decoder_config.hidden_size_global "
+                     f"({dec['hidden_size_global']}) != global_config.hidden_size "
+                     f"({glb['hidden_size']})")
+  if enc.get("cross_attn_all_layers") and int(enc["num_hidden_layers"]) > 1:
+    logging.warning("config.json: multi-layer encoder with cross-attention in every layer; bltjax "
+                    "pools patch queries once as Meta's reference does, the HF port re-pools per "
+                    "layer, so logits will differ from transformers for this checkpoint.")
+  model = BLTConfig.from_dict(dict(
+      encoder=_transformer(enc, window, "encoder_config", 500000.0),
+      latent=_transformer(glb, None, "global_config", 500000.0),
+      decoder=_transformer(dec, window, "decoder_config", 500000.0),
+      cross_attn_k=int(hf.get("cross_attn_k", 2)),
+      cross_attn_nheads=int(enc["num_attention_heads"]),
+      cross_attn_all_layers_encoder=bool(enc.get("cross_attn_all_layers", False)),
+      cross_attn_all_layers_decoder=bool(dec.get("cross_attn_all_layers", True)),
+      hash_group_sizes=tuple(hf.get("encoder_hash_byte_group_size") or (3, 4, 5, 6, 7, 8)),
+      hash_vocab=int(hf.get("encoder_hash_byte_group_vocab", 500002)),
+      hash_functions=int(hf.get("encoder_hash_byte_group_nb_functions", 1)),
+      runtime=runtime, vocab_size=int(hf.get("vocab_size", 260))))
+  entropy = None
+  pat = hf.get("patcher_config")
+  if hf.get("patch_in_forward", True) and pat is not None:
+    entropy = EntropyModelConfig.from_dict(dict(
+        transformer=_transformer(pat, pat.get("sliding_window", 512), "patcher_config", 10000.0),
+        runtime=runtime, vocab_size=int(pat.get("vocab_size", 260))))
+  mode = hf.get("patching_mode") or "byte"
+  if mode == "entropy" and (entropy is None or hf.get("patch_size") is None):
+    mode = "byte"  # The port makes every byte a patch when it has no patcher or no patch_size.
+  patching = PatchingConfig.from_dict(dict(
+      mode=mode, threshold=hf.get("patching_threshold"), threshold_add=None, monotonic=False,
+      patch_size=hf.get("patch_size") if mode == "static" else None,
+      max_patch_length=hf.get("max_patch_length")))
+  return model, entropy, patching
+
+
+def read_config(directory: str) -> dict:
+  path = os.path.join(directory, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{directory}: no config.json (expected a Hugging Face BLT checkpoint "
+                            "directory written by BltForCausalLM.save_pretrained)")
+  with open(path) as f:
+    return json.load(f)

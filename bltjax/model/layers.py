@@ -1,0 +1,122 @@
+"""Shared building blocks: init, RMSNorm, RoPE, dense layers and SwiGLU, all with logical axes.
+
+Parameters are fp32 (`param_dtype`) and cast to the compute dtype at use; norm statistics and
+RoPE angles are computed in fp32.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def trunc_normal(std: float):
+  """The reference's init: normal(0, std) truncated at ±3 std (std of the *untruncated* normal).
+
+  JAX's default truncation is ±2; the reference uses `trunc_normal_(std, a=-3std, b=3std)`.
+  """
+  return jax.nn.initializers.truncated_normal(stddev=std, lower=-3.0, upper=3.0)
+
+
+def param_with_axes(init_fn, axes):
+  return nn.with_logical_partitioning(init_fn, axes)
+
+
+def constrain(x, axes):
+  """Activation sharding constraint at block boundaries (no-op outside a mesh + rules context)."""
+  return nn.with_logical_constraint(x, axes)
+
+
+class Dense(nn.Module):
+  """Bias-free linear layer `y = x @ W`, W [in, out] (the transpose of a PyTorch Linear weight)."""
+  features: int
+  std: float
+  axes: tuple[str | None, str | None]
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  out_dtype: jnp.dtype | None = None  # e.g. fp32 logits from bf16 inputs.
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", param_with_axes(trunc_normal(self.std), self.axes),
+                        (x.shape[-1], self.features), self.param_dtype)
+    out_dtype = self.out_dtype or self.dtype
+    return jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype),
+                      preferred_element_type=out_dtype).astype(out_dtype)
+
+
+class Embed(nn.Module):
+  """Lookup table [num_embeddings, features]; lookups return the compute dtype."""
+  num_embeddings: int
+  features: int
+  std: float
+  axes: tuple[str | None, str | None]
+  param_dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param(
+        "embedding", param_with_axes(trunc_normal(self.std), self.axes),
+        (self.num_embeddings, self.features), self.param_dtype)
+
+  def __call__(self, ids):
+    return jnp.take(self.embedding, ids, axis=0)
+
+
+class RMSNorm(nn.Module):
+  """x * rsqrt(mean(x^2) + eps) * w, statistics in fp32, weight initialised to 1."""
+  eps: float
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param("scale", param_with_axes(nn.initializers.ones, ("norm",)), (x.shape[-1],),
+                   self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * w.astype(jnp.float32)).astype(self.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _inv_freq(head_dim: int, theta: float) -> np.ndarray:
+  # Same formula and precision as the reference: 1 / theta^(2i/d) in fp32.
+  exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+  return (1.0 / (np.float32(theta) ** exponent)).astype(np.float32)
+
+
+def apply_rope(x_BxSxHxK, positions_BxS, theta: float):
+  """Rotary embedding on *interleaved adjacent pairs* (x[2i], x[2i+1]) — Meta's convention.
+
+  HF-Llama's "rotate_half" pairs (x[i], x[i+d/2]) instead; released BLT weights need this one.
+  """
+  head_dim = x_BxSxHxK.shape[-1]
+  inv_freq = jnp.asarray(_inv_freq(head_dim, float(theta)))
+  angles = positions_BxS.astype(jnp.float32)[..., None] * inv_freq  # [B, S, K/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x = x_BxSxHxK.astype(jnp.float32).reshape(*x_BxSxHxK.shape[:-1], head_dim // 2, 2)
+  x0, x1 = x[..., 0], x[..., 1]
+  out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+  return out.reshape(x_BxSxHxK.shape).astype(x_BxSxHxK.dtype)
+
+
+class SwiGLU(nn.Module):
+  """W2(silu(W1 x) * W3 x); W1/W3 init std dim^-0.5, W2 std hidden^-0.5 (reference init)."""
+  hidden: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxSxD):
+    dim = x_BxSxD.shape[-1]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    gate = Dense(self.hidden, dim**-0.5, ("embed", "mlp"), name="w1", **kw)(x_BxSxD)
+    up = Dense(self.hidden, dim**-0.5, ("embed", "mlp"), name="w3", **kw)(x_BxSxD)
+    h = constrain(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+    return Dense(dim, self.hidden**-0.5, ("mlp", "embed"), name="w2", **kw)(h)
+
+
+def dtype_of(name: str):
+  return jnp.dtype(name)

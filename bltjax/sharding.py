@@ -1,0 +1,84 @@
+"""Mesh construction and the one logical-axis rules table.
+
+Parameters carry logical axis names (`nn.with_logical_partitioning`) and activations are
+constrained at block boundaries (`nn.with_logical_constraint`); `RULES` maps those names onto the
+('data', 'fsdp', 'tensor') mesh. Constraints only apply inside `mesh_context(mesh)`.
+"""
+
+import contextlib
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+RULES = (
+    # Activations.
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    # Parameters: FSDP over the model width, tensor parallelism over heads and MLP width.
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", None),       # 260 rows: too small to shard.
+    ("hash_vocab", None),  # rows are gathered; the tables are sharded on 'embed' instead.
+    ("norm", None),
+    ("layers", None),
+)
+
+
+def make_mesh(shape, devices=None) -> jax.sharding.Mesh:
+  """Mesh with axes ('data', 'fsdp', 'tensor'); one entry may be -1 (fill with what is left).
+
+  Axis types are explicitly Auto: `jax.make_mesh` defaults to Explicit, which breaks GSPMD-style
+  logical constraints.
+  """
+  devices = jax.devices() if devices is None else devices
+  shape = list(shape)
+  if len(shape) != 3:
+    raise ValueError(f"mesh shape must have 3 entries {MESH_AXES}, got {shape}")
+  if shape.count(-1) > 1:
+    raise ValueError(f"at most one mesh axis may be -1, got {shape}")
+  if -1 in shape:
+    rest = int(np.prod([s for s in shape if s != -1]))
+    if len(devices) % rest:
+      raise ValueError(f"mesh {shape}: {len(devices)} devices are not divisible by {rest}")
+    shape[shape.index(-1)] = len(devices) // rest
+  if int(np.prod(shape)) != len(devices):
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} devices, "
+                     f"but {len(devices)} are available")
+  return jax.make_mesh(tuple(shape), MESH_AXES, (AxisType.Auto,) * 3, devices=devices)
+
+
+@contextlib.contextmanager
+def mesh_context(mesh, rules=RULES):
+  """Activates `mesh` and the rules so that logical constraints take effect."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+def logical_to_shardings(abstract_boxed_tree, mesh, rules=RULES):
+  """NamedShardings for a tree of (boxed) abstract values from `jax.eval_shape(init)`."""
+  specs = nn.get_partition_spec(abstract_boxed_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def unbox(tree):
+  """Strips `nn.Partitioned` boxes without applying constraints (safe on ShapeDtypeStructs)."""
+  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata)
+                      else x, tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+def batch_sharding(mesh, ndim: int) -> NamedSharding:
+  """Batch-major arrays: the leading axis over ('data', 'fsdp'), the rest replicated."""
+  return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())

@@ -1,0 +1,101 @@
+"""The O(N·w) / O(N·k) attention kernels equal dense masked attention on random inputs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bltjax.model import attention
+
+
+def dense_reference(q, k, v, mask):
+  """Plain numpy softmax attention with a [B, Q, S] mask; all-masked rows give 0."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  rep = q.shape[2] // k.shape[2]
+  k, v = np.repeat(k, rep, axis=2), np.repeat(v, rep, axis=2)
+  s = np.einsum("bqhd,bshd->bhqs", q, k) / np.sqrt(q.shape[-1])
+  m = np.asarray(mask)[:, None]
+  s = np.where(m, s, -np.inf)
+  mx = np.max(s, axis=-1, keepdims=True)
+  mx = np.where(np.isfinite(mx), mx, 0)
+  p = np.where(m, np.exp(s - mx), 0)
+  p = p / np.maximum(p.sum(-1, keepdims=True), 1e-300)
+  return np.einsum("bhqs,bshd->bqhd", p, v)
+
+
+def random_segments(rng, b, n, num_docs):
+  cuts = np.sort(rng.integers(1, n, size=(b, num_docs - 1)), axis=1)
+  seg = np.zeros((b, n), np.int32)
+  for r in range(b):
+    for c in cuts[r]:
+      seg[r, c:] += 1
+  return seg
+
+
+@pytest.mark.parametrize("n,window,heads,kv_heads,docs", [
+    (37, 8, 4, 4, 1),    # N not a multiple of the window
+    (64, 16, 4, 2, 3),   # grouped KV heads, several documents
+    (50, 7, 2, 1, 4),    # odd window, multi-query
+    (12, 32, 2, 2, 2),   # window larger than N: one dense block
+    (40, None, 2, 2, 3),  # no window: causal within documents
+])
+def test_local_attention_equals_dense_mask(n, window, heads, kv_heads, docs):
+  rng = np.random.default_rng(n)
+  b, d = 2, 8
+  q = rng.normal(size=(b, n, heads, d)).astype(np.float32)
+  k = rng.normal(size=(b, n, kv_heads, d)).astype(np.float32)
+  v = rng.normal(size=(b, n, kv_heads, d)).astype(np.float32)
+  seg = random_segments(rng, b, n, docs)
+  i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+  mask = (seg[:, :, None] == seg[:, None, :]) & (j <= i)
+  if window is not None:
+    mask &= (i - j) < window
+  got = jax.jit(attention.local_attention, static_argnames="window")(q, k, v, seg, window=window)
+  np.testing.assert_allclose(np.asarray(got), dense_reference(q, k, v, mask), atol=2e-5)
+
+
+def test_local_attention_never_builds_a_dense_mask():
+  """Blockwise: the largest intermediate is O(N·2w), not O(N^2)."""
+  b, n, h, d, w = 1, 4096, 1, 8, 64
+  q = jnp.zeros((b, n, h, d))
+  seg = jnp.zeros((b, n), jnp.int32)
+  jaxpr = jax.make_jaxpr(lambda q, s: attention.local_attention(q, q, q, s, window=w))(q, seg)
+  biggest = max(np.prod(v.aval.shape) for eqn in jaxpr.eqns for v in eqn.outvars)
+  assert biggest <= b * n * 2 * w * h * 2, biggest
+  assert biggest < n * n
+
+
+def test_patch_pooling_attention_equals_dense_mask():
+  rng = np.random.default_rng(0)
+  b, n, p, k, h, d = 2, 30, 8, 3, 2, 4
+  lengths = np.array([[1, 5, 3, 0 + 7, 4, 6, 5, 0], [1, 1, 2, 9, 9, 4, 4, 1]])  # empty patch 7
+  ids = np.stack([np.repeat(np.arange(p), l)[:n] for l in lengths]).astype(np.int32)
+  q = rng.normal(size=(b, p, k, h, d)).astype(np.float32)
+  kk = rng.normal(size=(b, n, h, d)).astype(np.float32)
+  v = rng.normal(size=(b, n, h, d)).astype(np.float32)
+  got = np.asarray(jax.jit(attention.patch_pooling_attention)(q, kk, v, ids))
+  mask = ids[:, None, :] == np.arange(p)[None, :, None]           # [B, P, N]
+  mask = np.repeat(mask, k, axis=1)                                 # sub-query p*k+j -> patch p
+  want = dense_reference(q.reshape(b, p * k, h, d), kk, v, mask).reshape(b, p, k, h, d)
+  np.testing.assert_allclose(got, want, atol=2e-5)
+  assert not np.any(got[0, 7]), "an empty patch must get a zero output"
+
+
+def test_byte_to_patch_attention_equals_dense_mask():
+  rng = np.random.default_rng(1)
+  b, n, p, k, h, d = 2, 20, 6, 4, 2, 4
+  ids = np.sort(rng.integers(0, p, size=(b, n)), axis=1).astype(np.int32)
+  q = rng.normal(size=(b, n, h, d)).astype(np.float32)
+  kk = rng.normal(size=(b, p, k, h, d)).astype(np.float32)
+  v = rng.normal(size=(b, p, k, h, d)).astype(np.float32)
+  got = np.asarray(jax.jit(attention.byte_to_patch_attention)(q, kk, v, ids))
+  mask = np.repeat(ids[:, :, None] == np.arange(p)[None, None, :], k, axis=2)  # [B, N, P*k]
+  want = dense_reference(q, kk.reshape(b, p * k, h, d), v.reshape(b, p * k, h, d), mask)
+  np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_fully_masked_rows_are_zero_not_nan():
+  q = jnp.ones((1, 2, 1, 4))
+  mask = jnp.array([[[True, False], [False, False]]])
+  out = attention.dense_attention(q, q, q, mask)
+  assert np.all(np.isfinite(out)) and not np.any(out[0, 1])
