@@ -20,8 +20,14 @@ import jax
 import jax.numpy as jnp
 
 
-def _masked_softmax(scores, mask):
-  """Softmax over the last axis where masked entries get 0; an all-masked row gives all zeros."""
+def _masked_softmax(scores, mask, *, rows_may_be_empty=True):
+  """Softmax over the last axis where masked entries get 0; an all-masked row gives all zeros.
+
+  Self-attention rows always see their own position, so they skip the empty-row guard (each
+  elementwise pass over the scores costs real time on CPU, where attention is memory-bound).
+  """
+  if not rows_may_be_empty:
+    return jax.nn.softmax(jnp.where(mask, scores, -1e30), axis=-1)
   scores = jnp.where(mask, scores, -jnp.inf)
   row_max = jnp.max(scores, axis=-1, keepdims=True)
   row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
@@ -30,21 +36,29 @@ def _masked_softmax(scores, mask):
   return p / jnp.where(denom == 0, 1.0, denom)
 
 
-def _group(q_BxSxHxD, num_kv_heads):
+def _heads_first(q_BxSxHxD, num_kv_heads):
+  """[B, S, H, D] -> [B, K, G, S, D]. XLA:CPU runs batched matmuls several times faster when the
+  batch dimensions (batch, KV heads) lead, so every kernel works in this layout."""
   b, s, h, d = q_BxSxHxD.shape
-  return q_BxSxHxD.reshape(b, s, num_kv_heads, h // num_kv_heads, d)
+  return q_BxSxHxD.reshape(b, s, num_kv_heads, h // num_kv_heads, d).transpose(0, 2, 3, 1, 4)
 
 
-def dense_attention(q_BxQxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxQxS):
+def dense_attention(q_BxQxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxQxS, *, rows_may_be_empty=True):
   """softmax(q k^T / sqrt(D)) v with a boolean mask (True = may attend). Returns [B, Q, H, D]."""
+  b, q_len, h, d = q_BxQxHxD.shape
   num_kv = k_BxSxKxD.shape[2]
-  q = _group(q_BxQxHxD * (q_BxQxHxD.shape[-1] ** -0.5), num_kv)
-  scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k_BxSxKxD, preferred_element_type=jnp.float32)
-  probs = _masked_softmax(scores, mask_BxQxS[:, None, None, :, :])
-  out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v_BxSxKxD.dtype), v_BxSxKxD,
-                   preferred_element_type=jnp.float32)
-  b, q_len, k, g, d = out.shape
-  return out.reshape(b, q_len, k * g, d).astype(q_BxQxHxD.dtype)
+  g = h // num_kv
+  q = _heads_first(q_BxQxHxD * (d**-0.5), num_kv).reshape(b, num_kv, g * q_len, d)
+  k = k_BxSxKxD.transpose(0, 2, 1, 3)  # [B, K, S, D]
+  v = v_BxSxKxD.transpose(0, 2, 1, 3)
+  scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
+  scores = scores.reshape(b, num_kv, g, q_len, -1)
+  probs = _masked_softmax(scores, mask_BxQxS[:, None, None, :, :],
+                          rows_may_be_empty=rows_may_be_empty)
+  probs = probs.reshape(b, num_kv, g * q_len, -1).astype(v.dtype)
+  out = jnp.einsum("bkqs,bksd->bkqd", probs, v, preferred_element_type=jnp.float32)
+  out = out.reshape(b, num_kv, g, q_len, d).transpose(0, 3, 1, 2, 4).reshape(b, q_len, h, d)
+  return out.astype(q_BxQxHxD.dtype)
 
 
 def causal_segment_mask(q_pos_BxQ, k_pos_BxS, q_seg_BxQ, k_seg_BxS, window=None):
@@ -65,43 +79,50 @@ def local_attention(q_BxNxHxD, k_BxNxKxD, v_BxNxKxD, segment_ids_BxN, *, window)
   """
   b, n, h, d = q_BxNxHxD.shape
   num_kv = k_BxNxKxD.shape[2]
+  g = h // num_kv
   positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
   if window is None or n <= window:
     mask = causal_segment_mask(positions, positions, segment_ids_BxN, segment_ids_BxN, window)
-    return dense_attention(q_BxNxHxD, k_BxNxKxD, v_BxNxKxD, mask)
+    return dense_attention(q_BxNxHxD, k_BxNxKxD, v_BxNxKxD, mask, rows_may_be_empty=False)
 
   c = window
-  num_chunks = -(-n // c)
-  pad = num_chunks * c - n
+  nc = -(-n // c)
+  pad = nc * c - n
 
-  def chunk(x, fill=0):
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-    return x.reshape(b, num_chunks, c, *x.shape[2:])
+  def pad_n(x, axis, fill=0):
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths, constant_values=fill)
 
-  def with_previous(x_BxCxT):  # [B, nC, C, ...] -> [B, nC, 2C, ...]: previous chunk, then own.
-    prev = jnp.pad(x_BxCxT, [(0, 0), (1, 0)] + [(0, 0)] * (x_BxCxT.ndim - 2))[:, :-1]
-    return jnp.concatenate([prev, x_BxCxT], axis=2)
+  def with_previous(x, axis):  # chunk axis `axis`, rows axis+1: previous chunk, then own.
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (1, 0)
+    prev = jax.lax.slice_in_dim(jnp.pad(x, widths), 0, x.shape[axis], axis=axis)
+    return jnp.concatenate([prev, x], axis=axis + 1)
 
-  q = chunk(q_BxNxHxD * (d**-0.5)).reshape(b, num_chunks, c, num_kv, h // num_kv, d)
-  k2 = with_previous(chunk(k_BxNxKxD))
-  v2 = with_previous(chunk(v_BxNxKxD))
-  q_pos = chunk(positions, fill=-1)
-  q_seg = chunk(segment_ids_BxN, fill=-1)
-  k_pos = with_previous(q_pos)
+  # [B, K, G, N, D] -> [B, K, nC, G*C, D]; keys/values [B, K, nC, 2C, D].
+  q = pad_n(_heads_first(q_BxNxHxD * (d**-0.5), num_kv), 3).reshape(b, num_kv, g, nc, c, d)
+  q = q.transpose(0, 1, 3, 2, 4, 5).reshape(b, num_kv, nc, g * c, d)
+  k = with_previous(pad_n(k_BxNxKxD.transpose(0, 2, 1, 3), 2).reshape(b, num_kv, nc, c, d), 2)
+  v = with_previous(pad_n(v_BxNxKxD.transpose(0, 2, 1, 3), 2).reshape(b, num_kv, nc, c, d), 2)
+
+  q_pos = pad_n(positions, 1, fill=-1).reshape(b, nc, c)
+  q_seg = pad_n(segment_ids_BxN, 1, fill=-1).reshape(b, nc, c)
+  k_pos = with_previous(q_pos, 1)
   # The first chunk has no previous chunk: its zero padding gets segment -2, which no query has.
   k_seg = jnp.concatenate(
       [jnp.pad(q_seg, [(0, 0), (1, 0), (0, 0)], constant_values=-2)[:, :-1], q_seg], axis=2)
-  mask = causal_segment_mask(q_pos.reshape(b * num_chunks, c), k_pos.reshape(b * num_chunks, 2 * c),
-                             q_seg.reshape(b * num_chunks, c), k_seg.reshape(b * num_chunks, 2 * c),
-                             window)
-  mask = mask.reshape(b, num_chunks, 1, 1, c, 2 * c)
+  mask = causal_segment_mask(q_pos.reshape(b * nc, c), k_pos.reshape(b * nc, 2 * c),
+                             q_seg.reshape(b * nc, c), k_seg.reshape(b * nc, 2 * c), window)
+  mask = mask.reshape(b, 1, nc, 1, c, 2 * c)
 
-  scores = jnp.einsum("bcqkgd,bcskd->bckgqs", q, k2, preferred_element_type=jnp.float32)
-  probs = _masked_softmax(scores, mask)
-  out = jnp.einsum("bckgqs,bcskd->bcqkgd", probs.astype(v2.dtype), v2,
-                   preferred_element_type=jnp.float32)
-  out = out.reshape(b, num_chunks * c, h, d)[:, :n]
-  return out.astype(q_BxNxHxD.dtype)
+  scores = jnp.einsum("bkcqd,bkcsd->bkcqs", q, k, preferred_element_type=jnp.float32)
+  probs = _masked_softmax(scores.reshape(b, num_kv, nc, g, c, 2 * c), mask,
+                          rows_may_be_empty=False)
+  probs = probs.reshape(b, num_kv, nc, g * c, 2 * c).astype(v.dtype)
+  out = jnp.einsum("bkcqs,bkcsd->bkcqd", probs, v, preferred_element_type=jnp.float32)
+  out = out.reshape(b, num_kv, nc, g, c, d).transpose(0, 2, 4, 1, 3, 5).reshape(b, nc * c, h, d)
+  return out[:, :n].astype(q_BxNxHxD.dtype)
 
 
 def patch_pooling_attention(q_BxPxkxHxD, k_BxNxHxD, v_BxNxHxD, patch_ids_BxN):

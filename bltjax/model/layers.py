@@ -42,9 +42,11 @@ class Dense(nn.Module):
   def __call__(self, x):
     kernel = self.param("kernel", param_with_axes(trunc_normal(self.std), self.axes),
                         (x.shape[-1], self.features), self.param_dtype)
-    out_dtype = self.out_dtype or self.dtype
-    return jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype),
-                      preferred_element_type=out_dtype).astype(out_dtype)
+    # Accumulate in fp32 whatever the compute dtype: bf16 x bf16 -> fp32 is also the fast path of
+    # CPUs with AVX512-BF16 (bf16 -> bf16 is not).
+    out = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype),
+                     preferred_element_type=jnp.float32)
+    return out.astype(self.out_dtype or self.dtype)
 
 
 class Embed(nn.Module):

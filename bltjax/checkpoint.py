@@ -1,0 +1,117 @@
+"""Orbax checkpoints of a training workdir: train state + grain iterator state + config + metadata.
+
+Layout: `WORKDIR/checkpoints/<step>/{state, data, config, meta}`. Saves are asynchronous; restores
+take an abstract target that carries the *current* mesh's shardings, so a run saved on 8 devices
+restores on 4 (or 1).
+"""
+
+import hashlib
+import logging
+import os
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+class Checkpointer:
+  """Thin wrapper over `ocp.CheckpointManager` with the items bltjax saves."""
+
+  def __init__(self, workdir: str, *, max_to_keep: int = 3):
+    self.directory = checkpoint_dir(workdir)
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                             enable_async_checkpointing=True),
+        item_handlers=_handlers())
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_iter, config: dict, meta: dict):
+    """Asynchronous: returns once device arrays are copied; files are written in the background."""
+    args = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config),
+                meta=ocp.args.JsonSave(meta))
+    if data_iter is not None:
+      args["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+
+  def restore(self, step: int, abstract_state, data_iter=None):
+    """Restores the state onto the shardings of `abstract_state` (and the iterator in place)."""
+    args = dict(state=ocp.args.StandardRestore(abstract_state))
+    if data_iter is not None:
+      args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+    return restored["state"], restored.get("data", data_iter)
+
+  def metadata(self, step: int) -> tuple[dict, dict]:
+    r = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
+                                                           meta=ocp.args.JsonRestore()))
+    return r["config"], r["meta"]
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _handlers():
+  return dict(state=ocp.StandardCheckpointHandler(), data=grain.checkpoint.CheckpointHandler(),
+              config=ocp.JsonCheckpointHandler(), meta=ocp.JsonCheckpointHandler())
+
+
+def find_checkpoint(path: str) -> tuple[str, int]:
+  """A training workdir, its checkpoints/ dir, or one step dir -> (checkpoints dir, step)."""
+  path = os.path.abspath(path)
+  for directory in (os.path.join(path, "checkpoints"), path, os.path.dirname(path)):
+    if not os.path.isdir(directory):
+      continue
+    steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
+    if directory == os.path.dirname(path) and os.path.basename(path).isdigit():
+      return directory, int(os.path.basename(path))
+    if steps:
+      return directory, max(steps)
+  raise FileNotFoundError(f"{path}: no Orbax checkpoint found (expected a training workdir with "
+                          "checkpoints/<step>/)")
+
+
+def load_params(path: str) -> tuple[dict, dict, dict, int]:
+  """Params (numpy, host memory) + config + meta of the latest checkpoint under `path`.
+
+  Only the params are read (partial restore), not the optimizer state.
+  """
+  directory, step = find_checkpoint(path)
+  manager = ocp.CheckpointManager(directory, item_handlers=dict(
+      state=ocp.PyTreeCheckpointHandler(), config=ocp.JsonCheckpointHandler(),
+      meta=ocp.JsonCheckpointHandler(), data=grain.checkpoint.CheckpointHandler()))
+  try:
+    meta_tree = manager.item_metadata(step)["state"]
+    params_meta = meta_tree["params"]
+    item = {"params": jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), params_meta)}
+    restore_args = {"params": jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray),
+                                           params_meta)}
+    r = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
+        config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+  finally:
+    manager.close()
+  logging.info("Loaded params of step %d from %s", step, directory)
+  return r["state"]["params"], r["config"], r["meta"], step
+
+
+def params_hash(params) -> str:
+  """sha256 over every parameter (path, dtype, shape, bytes): which model cut the patches."""
+  h = hashlib.sha256()
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  for path, leaf in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
+    arr = np.ascontiguousarray(np.asarray(leaf))
+    h.update(f"{jax.tree_util.keystr(path)}:{arr.dtype}:{arr.shape}".encode())
+    h.update(arr.tobytes())
+  return h.hexdigest()

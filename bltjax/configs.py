@@ -1,0 +1,172 @@
+"""Loading and validating experiment configs (`experiments/*.py` files with `get_config(arg)`).
+
+A config is an `ml_collections.ConfigDict` with the sections below; every field is set and
+commented in the experiment files, never defaulted here.
+
+  seed, model_type ('blt' | 'entropy_model'), model, data, train, optim, mesh,
+  patching and entropy_model (the stage-1 config) for BLT configs.
+"""
+
+import copy
+import importlib.util
+import os
+
+import ml_collections
+
+from bltjax.data.sources import SOURCES
+from bltjax.model.config import BLTConfig, EntropyModelConfig, PatchingConfig
+
+MODEL_TYPES = ("blt", "entropy_model")
+# Fields of the stage-1 data section taken from the BLT's data section: both stages read the same
+# documents (the paper's recipe).
+SHARED_DATA_FIELDS = ("source", "paths", "text_field", "eval_fraction")
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path/to/experiment.py[:arg]` (big_vision style: the arg may shrink the experiment)."""
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config file {path} does not exist")
+  spec_ = importlib.util.spec_from_file_location(f"bltjax_experiment_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(spec_)
+  spec_.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def model_config(config) -> BLTConfig | EntropyModelConfig:
+  cls = BLTConfig if config.model_type == "blt" else EntropyModelConfig
+  return cls.from_dict(config.model.to_dict())
+
+
+def patching_config(config, threshold: float | None = None) -> PatchingConfig:
+  """The PatchingConfig of a BLT config; `threshold` fills in a calibrated threshold."""
+  fields = {k: v for k, v in config.patching.to_dict().items()
+            if k in PatchingConfig.__dataclass_fields__}
+  if fields["threshold"] is None:
+    fields["threshold"] = threshold
+  return PatchingConfig.from_dict(fields)
+
+
+def entropy_stage_config(config) -> ml_collections.ConfigDict:
+  """The stage-1 (entropy model) config nested in a BLT config, with the shared data fields."""
+  stage = copy.deepcopy(config.entropy_model)
+  stage.unlock()  # configs from the command line are locked; the shared fields are added here
+  for field in SHARED_DATA_FIELDS:
+    stage.data[field] = config.data[field]
+  return stage
+
+
+def _require(cond, message):
+  if not cond:
+    raise ValueError(f"invalid config: {message}")
+
+
+def validate(config, num_devices: int | None):
+  """Fails fast with a message naming the offending field. Returns (model cfg, patching cfg).
+
+  `num_devices=None` skips the checks that depend on the machine (mesh, per-device batch), e.g.
+  when preprocessing data on a host other than the training pod.
+  """
+  _require(config.model_type in MODEL_TYPES,
+           f"model_type={config.model_type!r} must be one of {MODEL_TYPES}")
+  model = model_config(config)
+  d, t, o = config.data, config.train, config.optim
+  _require(d.source in SOURCES, f"data.source={d.source!r} must be one of {SOURCES} "
+           "(or set data.preprocessed_dir)")
+  _require(d.seq_len >= 2, f"data.seq_len={d.seq_len} must be >= 2")
+  _require(0 <= d.eval_fraction < 1, f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
+
+  mesh = list(config.mesh.shape)
+  _require(len(mesh) == 3, f"mesh.shape={tuple(mesh)} needs 3 entries (data, fsdp, tensor)")
+  _require(mesh.count(-1) <= 1 and all(s == -1 or s >= 1 for s in mesh),
+           f"mesh.shape={tuple(mesh)}: sizes must be >= 1, at most one -1")
+  fixed = 1
+  for s in mesh:
+    fixed *= s if s != -1 else 1
+  if num_devices is not None:
+    _require(num_devices % fixed == 0 and (-1 in mesh or fixed == num_devices),
+             f"mesh.shape={tuple(mesh)} does not divide the {num_devices} available devices")
+    sizes = [num_devices // fixed if s == -1 else s for s in mesh]
+  else:
+    sizes = [1 if s == -1 else s for s in mesh]
+  batch_shards = sizes[0] * sizes[1]
+  _require(t.steps >= 1, f"train.steps={t.steps} must be >= 1")
+  _require(t.microbatches >= 1 and t.batch_size % t.microbatches == 0,
+           f"train.batch_size={t.batch_size} is not divisible by "
+           f"train.microbatches={t.microbatches}")
+  micro = t.batch_size // t.microbatches
+  _require(micro % batch_shards == 0,
+           f"train.batch_size={t.batch_size} / train.microbatches={t.microbatches} = {micro} "
+           f"rows is not divisible by the data-parallel size data*fsdp={batch_shards} "
+           f"(mesh.shape={tuple(sizes)})")
+  _require(t.eval_batches >= 0 and (t.eval_batches == 0 or d.eval_fraction > 0),
+           "train.eval_batches > 0 needs data.eval_fraction > 0")
+  _require(0 <= o.warmup_steps <= t.steps,
+           f"optim.warmup_steps={o.warmup_steps} must be in [0, train.steps={t.steps}]")
+  _require(0 <= o.lr_min_ratio <= 1, f"optim.lr_min_ratio={o.lr_min_ratio} must be in [0, 1]")
+
+  windows = ([("model.encoder", model.encoder), ("model.decoder", model.decoder)]
+             if config.model_type == "blt" else [("model.transformer", model.transformer)])
+  for name, tc in windows:
+    _require(tc.attn_window is None or tc.attn_window <= d.seq_len,
+             f"{name}.attn_window={tc.attn_window} is larger than data.seq_len={d.seq_len}")
+
+  patching = None
+  if config.model_type == "blt":
+    p = config.patching
+    auto = p.mode == "entropy" and p.threshold is None
+    _require(not auto or (p.target_patch_size or 0) > 1,
+             "patching.threshold is None: set it, or set patching.target_patch_size > 1 to "
+             "calibrate it on held-out data")
+    patching = patching_config(config, threshold=0.0 if auto else None)
+    _require(2 <= p.max_patches <= d.seq_len + 1,
+             f"patching.max_patches={p.max_patches} must be in [2, data.seq_len + 1 = "
+             f"{d.seq_len + 1}]")
+    if patching.mode == "entropy" and not p.entropy_model_checkpoint:
+      stage = entropy_stage_config(config)
+      _require(stage.model_type == "entropy_model",
+               "entropy_model.model_type must be 'entropy_model'")
+      try:
+        validate(stage, num_devices)
+      except ValueError as e:
+        raise ValueError(str(e).replace("invalid config: ", "invalid config: entropy_model.")) \
+            from None
+  return model, patching
+
+
+def tiny(config) -> ml_collections.ConfigDict:
+  """`experiment.py:tiny`: the same experiment shrunk for a smoke run on one CPU machine.
+
+  Keeps the structure (stages, patching mode, data source, number of hash functions and
+  sub-queries) and shrinks widths, depths, lengths, batch and steps.
+  """
+  c = copy.deepcopy(config)  # deepcopy keeps placeholders overridable from the command line
+
+  def shrink_stack(t, window=True):
+    t.update(dim=64, n_layers=min(t.n_layers, 2), n_heads=2, n_kv_heads=2, ffn_dim=128,
+             attn_window=(32 if window else None))
+
+  def shrink_stage(s):
+    s.data.update(seq_len=128, num_workers=0)
+    s.train.update(steps=4, batch_size=8, microbatches=1, log_every=2, eval_every=4,
+                   eval_batches=1, checkpoint_every=2)
+    s.optim.update(warmup_steps=1)
+    s.mesh.shape = (1, -1, 1)
+    rt = s.model.runtime
+    rt.update(dtype="float32", remat_policy="none")
+
+  shrink_stage(c)
+  if c.model_type == "blt":
+    for name in ("encoder", "decoder"):
+      shrink_stack(c.model[name])
+    shrink_stack(c.model.latent, window=False)
+    c.model.latent.dim = 64 * c.model.cross_attn_k  # no latent input projection needed
+    c.model.latent.n_heads = c.model.latent.n_kv_heads = 2
+    c.model.update(cross_attn_nheads=2, hash_vocab=1009)
+    c.patching.max_patches = 96
+    if c.patching.mode == "entropy" and not c.patching.entropy_model_checkpoint:
+      shrink_stack(c.entropy_model.model.transformer)
+      shrink_stage(c.entropy_model)
+  else:
+    shrink_stack(c.model.transformer)
+  return c

@@ -1,0 +1,76 @@
+"""A background thread that keeps the next batches ready (as sharded global arrays).
+
+grain's multiprocess prefetch hands batches to the training process; this thread takes them from
+there, converts them to global arrays and queues them, so the step loop only waits when the input
+pipeline really is behind. It remembers the grain iterator state *after* each batch it queued, and
+its `get_state()` returns the state after the last batch the loop *consumed*: checkpoints record
+exactly where the loop is, however far the thread has read ahead.
+"""
+
+import json
+import queue
+import threading
+from typing import Any, Callable
+
+_END = object()
+
+
+class ThreadPrefetcher:
+  """Iterator over `transform(batch)` with grain-style get_state/set_state (for Orbax)."""
+
+  def __init__(self, iterator, transform: Callable[[Any], Any], buffer_size: int = 2):
+    self._it, self._transform, self._size = iterator, transform, buffer_size
+    self._state = iterator.get_state()
+    self._start()
+
+  def _start(self):
+    self._queue = queue.Queue(maxsize=self._size)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._work, name="bltjax-prefetch", daemon=True)
+    self._thread.start()
+
+  def _work(self):
+    try:
+      while not self._stop.is_set():
+        batch = next(self._it)
+        item = (self._transform(batch), self._it.get_state())
+        while not self._stop.is_set():
+          try:
+            self._queue.put(item, timeout=0.1)
+            break
+          except queue.Full:
+            continue
+    except StopIteration:
+      self._queue.put((_END, None))
+    except BaseException as e:  # surfaced in the training thread by __next__
+      self._queue.put((e, None))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    item, state = self._queue.get()
+    if item is _END:
+      raise StopIteration
+    if isinstance(item, BaseException):
+      raise item
+    self._state = state
+    return item
+
+  # grain's Orbax handler treats non-DatasetIterator items as "legacy" iterators whose state is
+  # JSON bytes, and calls start_prefetch() after a restore.
+  def get_state(self) -> bytes:
+    return json.dumps(self._state).encode()
+
+  def set_state(self, state: bytes):
+    self.close()
+    self._state = json.loads(state)
+    self._it.set_state(self._state)
+    self._start()
+
+  def start_prefetch(self):
+    pass  # the thread is already running
+
+  def close(self):
+    self._stop.set()
+    self._thread.join()

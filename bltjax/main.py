@@ -1,0 +1,40 @@
+"""Entry point: `python -m bltjax.main --config=experiments/debug.py [--workdir=DIR]`.
+
+Kept thin on purpose: flags, multi-host initialisation, then a library call (`bltjax.train.run`),
+which Colab notebooks and tests call directly.
+"""
+
+import os
+
+from bltjax import xla_flags
+
+xla_flags.set_defaults()  # before JAX initialises a backend
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from bltjax import distributed, logs  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. experiments/debug.py or experiments/1b.py:tiny; "
+    "override fields with --config.section.field=value.", lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Where checkpoints, metrics.jsonl and TensorBoard events go (default: "
+    "workdir/<experiment name>). Re-running on the same workdir resumes.")
+flags.mark_flag_as_required("config")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logs.quiet_libraries()
+  distributed.initialize()
+  from bltjax import train  # after jax.distributed.initialize, before any other JAX use
+  workdir = _WORKDIR.value or os.path.join(
+      "workdir", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
+  logging.info("workdir: %s", os.path.abspath(workdir))
+  train.run(_CONFIG.value, workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,202 @@
+"""Training: determinism, exact resume, restore onto another mesh, gradient accumulation, the
+sharded step, config validation, and the quickstart command end to end."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from bltjax import checkpoint, configs, metrics, optim, sharding, step as step_lib, train
+from bltjax import train_state as ts
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEBUG = os.path.join(REPO, "experiments", "debug.py")
+
+
+def tiny_blt(steps=6, **patching):
+  cfg = configs.tiny(configs.load(DEBUG))
+  cfg.patching.update(dict(mode="space") | patching)
+  cfg.train.update(steps=steps, log_every=1, checkpoint_every=3, eval_every=0, eval_batches=0)
+  return cfg
+
+
+def losses(workdir):
+  return {r["step"]: r["loss"] for r in metrics.read_metrics(workdir) if "loss" in r}
+
+
+def test_same_seed_same_losses(tmp_path):
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  train.run(tiny_blt(steps=3), a)
+  train.run(tiny_blt(steps=3), b)
+  assert losses(a) == losses(b) and len(losses(a)) == 3
+  c = tiny_blt(steps=3)
+  c.seed = 1
+  train.run(c, str(tmp_path / "c"))
+  assert losses(str(tmp_path / "c")) != losses(a)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  train.run(tiny_blt(), straight)
+  train.run(tiny_blt(), resumed, stop_at_step=3)
+  assert sorted(losses(resumed)) == [1, 2, 3]
+  train.run(tiny_blt(), resumed)  # the same command again: resumes at step 3
+  assert losses(resumed) == losses(straight)  # bitwise, data order included
+  assert checkpoint.Checkpointer(resumed).latest_step() == 6
+
+
+def test_restore_onto_a_different_mesh(tmp_path):
+  """Saved on 8 devices (2x2x2), resumed in a new process on 4 devices (1x4x1)."""
+  cfg = tiny_blt()
+  cfg.mesh.shape = (2, 2, 2)
+  reference, moved = str(tmp_path / "ref"), str(tmp_path / "moved")
+  train.run(cfg, reference)
+  train.run(cfg, moved, stop_at_step=3)
+  script = (
+      "from bltjax import xla_flags; xla_flags.set_defaults()\n"
+      "import jax, sys; sys.path.insert(0, %r)\n"
+      "assert jax.device_count() == 4\n"
+      "from tests.test_train import tiny_blt; from bltjax import train\n"
+      "cfg = tiny_blt(); cfg.mesh.shape = (1, 4, 1); train.run(cfg, %r)\n" % (REPO, moved))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=REPO)
+  got, want = losses(moved), losses(reference)
+  assert sorted(got) == list(range(1, 7))
+  np.testing.assert_allclose([got[s] for s in range(4, 7)], [want[s] for s in range(4, 7)],
+                             rtol=1e-5)
+
+
+def _one_step(cfg, mesh, batch, microbatches, opt=None):
+  model = ts.build_model(cfg)
+  opt = opt or optim.make_optimizer(cfg.optim, 10)
+  _, sh = ts.abstract_state(cfg, model, opt, mesh)
+  state = ts.init_state(cfg, model, opt, mesh, sh, 0)
+  fn = functools.partial(step_lib.train_step, loss_fn=step_lib.make_loss_fn(cfg, model),
+                         optimizer=opt, lr_fn=optim.lr_schedule(cfg.optim, 10),
+                         microbatches=microbatches)
+  bsh = ts.batch_shardings(cfg, mesh, len(batch["tokens"]))
+  with sharding.mesh_context(mesh):
+    step = jax.jit(fn, in_shardings=(sh, bsh), out_shardings=(sh, sharding.replicated(mesh)))
+    for _ in range(2):
+      state, m = step(state, batch)
+  return jax.device_get(state.params), jax.device_get(m)
+
+
+def _random_batch(cfg, rows):
+  rng = np.random.default_rng(0)
+  n = cfg.data.seq_len
+  tokens = np.concatenate([np.ones((rows, 1)), rng.integers(4, 260, (rows, n))], 1)
+  tokens = tokens.astype(np.int32)
+  mask = np.ones((rows, n), np.float32)
+  mask[1, n // 2:] = 0  # padding in one row: the loss normalises by real target bytes
+  patch, _ = train.prepare_patching(cfg, None, None)
+  lengths = patch.map(dict(tokens=tokens[:, :-1]))["patch_lengths"]
+  return dict(tokens=tokens[:, :-1], targets=tokens[:, 1:], mask=mask, patch_lengths=lengths)
+
+
+def test_gradient_accumulation_equals_the_large_batch():
+  cfg = tiny_blt()
+  mesh = sharding.make_mesh((1, 2, 1), devices=jax.devices()[:2])
+  batch = _random_batch(cfg, 8)
+  # Plain SGD with lr 1: parameter changes are the gradients themselves (AdamW would amplify
+  # float-reordering noise in near-zero gradients).
+  sgd = optax.sgd(1.0)
+  p1, m1 = _one_step(cfg, mesh, batch, microbatches=1, opt=sgd)
+  p4, m4 = _one_step(cfg, mesh, batch, microbatches=4, opt=sgd)
+  np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-5)
+  np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), p1, p4)
+
+
+def test_sharded_step_equals_single_device():
+  cfg = tiny_blt()
+  batch = _random_batch(cfg, 8)
+  single = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  sgd = optax.sgd(1.0)
+  p1, m1 = _one_step(cfg, single, batch, microbatches=1, opt=sgd)
+  p8, m8 = _one_step(cfg, sharding.make_mesh((2, 2, 2)), batch, microbatches=1, opt=sgd)
+  np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), p1, p8)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("mesh.shape", (3, 1, 1), "mesh.shape=.*8 available devices"),
+    ("train.batch_size", 6, "train.batch_size=6 .* data-parallel size"),
+    ("patching.mode", "bpe", "patching.mode='bpe' is unknown"),
+    ("model.encoder.attn_window", 4096, "model.encoder.attn_window=4096 is larger than "
+     "data.seq_len"),
+    ("model.latent.n_heads", 5, "model.latent.dim=128 is not divisible by model.latent.n_heads"),
+    ("data.source", "s3", "data.source='s3'"),
+])
+def test_invalid_configs_name_the_field(field, value, message):
+  cfg = tiny_blt()
+  section, _, name = field.rpartition(".")
+  node = cfg
+  for part in section.split("."):
+    node = node[part]
+  node[name] = value
+  with pytest.raises(ValueError, match=message):
+    configs.validate(cfg, 8)
+
+
+def test_quickstart_command_end_to_end(tmp_path):
+  """`python -m bltjax.main --config=experiments/debug.py` (tiny): both stages and outputs."""
+  workdir = str(tmp_path / "wd")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  subprocess.run([sys.executable, "-m", "bltjax.main", f"--config={DEBUG}:tiny",
+                  f"--workdir={workdir}"], check=True, env=env, cwd=str(tmp_path))
+  for stage in (workdir, os.path.join(workdir, "entropy_model")):
+    records = metrics.read_metrics(stage)
+    assert {"step", "loss", "bpb", "lr", "grad_norm", "bytes_per_sec",
+            "data_wait_fraction"} <= set(records[0])
+    assert any("eval_bpb" in r for r in records)
+    assert os.listdir(os.path.join(stage, "tensorboard"))
+    assert checkpoint.Checkpointer(stage).latest_step() == 4
+  blt_records = metrics.read_metrics(workdir)
+  assert "bytes_per_patch" in blt_records[0]
+  _, meta = checkpoint.Checkpointer(workdir).metadata(4)
+  ent = meta["entropy_model"]
+  assert ent["path"] == os.path.join(workdir, "entropy_model") and len(ent["sha256"]) == 64
+  params, _, _, _ = checkpoint.load_params(ent["path"])
+  assert checkpoint.params_hash(params) == ent["sha256"]
+  assert meta["patching_threshold"] > 0
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["patching"]["mode"] == "entropy"
+
+
+def _main(workdir, *extra):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  return [sys.executable, "-m", "bltjax.main", f"--config={DEBUG}:tiny", f"--workdir={workdir}",
+          "--config.train.steps=12", "--config.train.checkpoint_every=3", *extra], env
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_continues_with_the_same_losses(tmp_path):
+  """Kill -9 during the BLT stage; the same command resumes and matches an uninterrupted run."""
+  import signal
+  import time
+  ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
+  cmd, env = _main(ref)
+  subprocess.run(cmd, check=True, env=env, cwd=str(tmp_path))
+  cmd, env = _main(killed)
+  proc = subprocess.Popen(cmd, env=env, cwd=str(tmp_path), stderr=subprocess.DEVNULL)
+  ckpt6 = os.path.join(killed, "checkpoints", "6")
+  deadline = time.time() + 300
+  while not os.path.exists(ckpt6) and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert os.path.exists(ckpt6), "the run ended before its step-6 checkpoint"
+  assert checkpoint.Checkpointer(killed).latest_step() < 12
+  subprocess.run(cmd, check=True, env=env, cwd=str(tmp_path))
+  assert losses(killed) == losses(ref)
