@@ -32,14 +32,15 @@ def random_segments(rng, b, n, num_docs):
   return seg
 
 
-@pytest.mark.parametrize("n,window,heads,kv_heads,docs", [
-    (37, 8, 4, 4, 1),    # N not a multiple of the window
-    (64, 16, 4, 2, 3),   # grouped KV heads, several documents
-    (50, 7, 2, 1, 4),    # odd window, multi-query
-    (12, 32, 2, 2, 2),   # window larger than N: one dense block
-    (40, None, 2, 2, 3),  # no window: causal within documents
+@pytest.mark.parametrize("n,window,heads,kv_heads,docs,chunk", [
+    (37, 8, 4, 4, 1, None),    # N not a multiple of the window
+    (37, 8, 4, 4, 2, 2),       # chunks of a quarter window: four previous chunks per chunk
+    (64, 16, 4, 2, 3, None),   # grouped KV heads, several documents
+    (50, 7, 2, 1, 4, None),    # odd window, multi-query
+    (12, 32, 2, 2, 2, None),   # window larger than N: one dense block
+    (40, None, 2, 2, 3, None),  # no window: causal within documents
 ])
-def test_local_attention_equals_dense_mask(n, window, heads, kv_heads, docs):
+def test_local_attention_equals_dense_mask(n, window, heads, kv_heads, docs, chunk):
   rng = np.random.default_rng(n)
   b, d = 2, 8
   q = rng.normal(size=(b, n, heads, d)).astype(np.float32)
@@ -50,7 +51,8 @@ def test_local_attention_equals_dense_mask(n, window, heads, kv_heads, docs):
   mask = (seg[:, :, None] == seg[:, None, :]) & (j <= i)
   if window is not None:
     mask &= (i - j) < window
-  got = jax.jit(attention.local_attention, static_argnames="window")(q, k, v, seg, window=window)
+  got = jax.jit(attention.local_attention, static_argnames=("window", "chunk"))(
+      q, k, v, seg, window=window, chunk=chunk)
   np.testing.assert_allclose(np.asarray(got), dense_reference(q, k, v, mask), atol=2e-5)
 
 
