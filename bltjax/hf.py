@@ -262,3 +262,62 @@ def read_config(directory: str) -> dict:
                             "directory written by BltForCausalLM.save_pretrained)")
   with open(path) as f:
     return json.load(f)
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing (export).
+
+
+def _hf_transformer(t: TransformerConfig, **extra) -> dict:
+  return dict(hidden_size=t.dim, num_hidden_layers=t.n_layers, num_attention_heads=t.n_heads,
+              num_key_value_heads=t.n_kv_heads, intermediate_size=t.ffn_dim,
+              rms_norm_eps=t.norm_eps, hidden_act="silu",
+              rope_parameters=dict(rope_theta=t.rope_theta, rope_type="default"), **extra)
+
+
+def config_to_hf(model: BLTConfig, entropy: EntropyModelConfig | None,
+                 patching: PatchingConfig) -> dict:
+  """The `config.json` a `transformers` BltConfig reads for this model (inverse of
+  `configs_from_hf`). Raises for what the port cannot express."""
+  enc, dec, lat = model.encoder, model.decoder, model.latent
+  if enc.attn_window != dec.attn_window:
+    raise ValueError("the HF port has one local_attention_window_len for encoder and decoder")
+  if model.cross_attn_nheads != enc.n_heads or model.cross_attn_nheads != dec.n_heads:
+    raise ValueError("the HF port uses the local head count for cross-attention: "
+                     "cross_attn_nheads must equal encoder.n_heads and decoder.n_heads")
+  if patching.mode not in ("entropy", "byte") or patching.monotonic or patching.threshold_add:
+    raise ValueError(f"the HF port patches with a global entropy threshold only, not {patching}")
+  local = dict(cross_attn_k=model.cross_attn_k, hidden_size_global=lat.dim)
+  cfg = dict(
+      model_type="blt", architectures=["BltForCausalLM"], vocab_size=model.vocab_size,
+      cross_attn_k=model.cross_attn_k, local_attention_window_len=enc.attn_window,
+      encoder_hash_byte_group_size=list(model.hash_group_sizes),
+      encoder_hash_byte_group_vocab=model.hash_vocab,
+      encoder_hash_byte_group_nb_functions=model.hash_functions,
+      patch_in_forward=entropy is not None and patching.mode == "entropy",
+      patching_mode="entropy" if patching.mode == "entropy" else None,
+      patching_threshold=patching.threshold, patch_size=4 if patching.mode == "entropy" else None,
+      max_patch_length=patching.max_patch_length, tie_word_embeddings=False,
+      rope_parameters=dict(rope_theta=lat.rope_theta, rope_type="default"),
+      encoder_config=_hf_transformer(enc, cross_attn_all_layers=model.cross_attn_all_layers_encoder,
+                                     vocab_size=model.vocab_size, sliding_window=enc.attn_window,
+                                     **local),
+      decoder_config=_hf_transformer(dec, cross_attn_all_layers=model.cross_attn_all_layers_decoder,
+                                     vocab_size=model.vocab_size, **local),
+      global_config=_hf_transformer(lat))
+  if entropy is not None:
+    t = entropy.transformer
+    cfg["patcher_config"] = _hf_transformer(t, vocab_size=entropy.vocab_size,
+                                            sliding_window=t.attn_window)
+  return cfg
+
+
+def params_to_hf(params: dict, key_map, dtype=np.float32) -> dict[str, np.ndarray]:
+  """Nested params -> {HF tensor name: array}, splitting scanned stacks into layers."""
+  out = {}
+  for path, names, transpose in key_map:
+    value = np.asarray(_get(params, path))
+    values = [value] if isinstance(names, str) else list(value)
+    for name, v in zip([names] if isinstance(names, str) else names, values):
+      out[name] = np.ascontiguousarray((v.T if transpose else v).astype(dtype))
+  return out

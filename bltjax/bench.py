@@ -1,0 +1,216 @@
+"""Benchmarks that print figures (never timed assertions): `python -m bltjax.bench <what>`.
+
+  train     train-step bytes/s of bltjax and of the `transformers` BLT port (PyTorch CPU; a test
+            extra) on the same architecture, batch of bytes and patch lengths, thread count,
+            interleaved in one run; then bltjax's step time at N and 2N bytes per row.
+  generate  cached generation vs. full recomputation (see bltjax.generate).
+  pipeline  host-side entropy patching throughput vs. what a training step consumes.
+
+These machines are noisy: each figure is a median over several timed steps, and ratios are taken
+between measurements interleaved in the same run.
+"""
+
+import functools
+import time
+
+from absl import app, flags
+
+from bltjax import xla_flags
+
+xla_flags.set_defaults()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from bltjax import hf, patching, step as step_lib, tokenizer  # noqa: E402
+from bltjax import train_state as ts  # noqa: E402
+from bltjax.data import sources  # noqa: E402
+from bltjax.model.blt import ByteLatentTransformer  # noqa: E402
+from bltjax.model.config import (BLTConfig, PatchingConfig, RuntimeConfig,  # noqa: E402
+                                 TransformerConfig, swiglu_hidden_dim)
+
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 1024, "bytes per row")
+_BATCH = flags.DEFINE_integer("batch", 4, "rows per step")
+_STEPS = flags.DEFINE_integer("steps", 3, "timed steps per measurement")
+_ROUNDS = flags.DEFINE_integer("rounds", 2, "interleaved rounds (bltjax, port, bltjax, ...)")
+_THREADS = flags.DEFINE_integer("threads", 2, "CPU threads for the PyTorch port")
+_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "bltjax compute dtype (params stay float32)")
+_PORT_DTYPE = flags.DEFINE_string("port_dtype", "float32", "internal: the port worker's dtype")
+
+
+def bench_config(dtype: str) -> BLTConfig:
+  """BLT-1B's layout (1 encoder layer, 9 decoder layers with cross-attention, k=2, six hash
+  n-gram tables, 512-byte windows) at a quarter of its width: 64M parameters."""
+  def t(dim, layers, window):
+    return TransformerConfig(dim=dim, n_layers=layers, n_heads=dim // 64, n_kv_heads=dim // 64,
+                             ffn_dim=swiglu_hidden_dim(dim), rope_theta=500000.0, norm_eps=1e-5,
+                             attn_window=window)
+  return BLTConfig(encoder=t(256, 1, 512), latent=t(512, 8, None), decoder=t(256, 9, 512),
+                   cross_attn_k=2, cross_attn_nheads=4, cross_attn_all_layers_encoder=False,
+                   cross_attn_all_layers_decoder=True, hash_group_sizes=(3, 4, 5, 6, 7, 8),
+                   hash_vocab=16381, hash_functions=1,
+                   runtime=RuntimeConfig(dtype=dtype, param_dtype="float32",
+                                         remat_policy="dots_with_no_batch_dims_saveable"))
+
+
+def real_batch(batch: int, seq_len: int):
+  """Rows of standard-library source bytes and their space patching (the same for both)."""
+  src = sources.StdlibSource()
+  stream = np.concatenate([tokenizer.encode(src[i].data) for i in range(40)])
+  tokens = stream[:batch * (seq_len + 1)].reshape(batch, seq_len + 1).astype(np.int32)
+  lengths = patching.space_patch_lengths(tokens[:, :-1])
+  return tokens[:, :-1], tokens[:, 1:], lengths
+
+
+def _median_time(fn, steps):
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+class JaxStep:
+  """A compiled bltjax train step (AdamW) on one batch."""
+
+  def __init__(self, cfg: BLTConfig, tokens, targets, lengths):
+    model = ByteLatentTransformer(cfg)
+    params = jax.jit(lambda r: model.init(r, tokens, lengths))(jax.random.key(0))["params"]
+    params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
+                          is_leaf=lambda x: hasattr(x, "unbox"))
+    self.params = ts.param_count(params)
+    opt = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.1)
+
+    def loss_fn(p, b):
+      return step_lib.loss_sums(model.apply({"params": p}, b["tokens"], b["patch_lengths"]),
+                                b["targets"], b["mask"])
+    self.fn = jax.jit(functools.partial(step_lib.train_step, loss_fn=loss_fn, optimizer=opt,
+                                        lr_fn=lambda s: 1e-4, microbatches=1), donate_argnums=0)
+    self.state = ts.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                               opt_state=opt.init(params))
+    self.batch = dict(tokens=jnp.asarray(tokens), targets=jnp.asarray(targets),
+                      mask=jnp.ones(tokens.shape, jnp.float32),
+                      patch_lengths=jnp.asarray(lengths))
+    self()  # compile
+
+  def __call__(self):
+    self.state, m = self.fn(self.state, self.batch)
+    jax.block_until_ready(m)
+
+
+class TorchStep:
+  """The `transformers` BltForCausalLM, same architecture, fwd+bwd+AdamW on the same batch.
+
+  Runs in its own process (`python -m bltjax.bench _port`), so that PyTorch's and XLA's thread
+  pools never spin against each other; the parent asks it for timings over a pipe.
+  """
+
+  def __init__(self, dtype: str, seq_len: int, batch: int, threads: int, bltjax_dtype: str):
+    import subprocess
+    import sys
+    self.proc = subprocess.Popen(
+        [sys.executable, "-m", "bltjax.bench", "_port", f"--port_dtype={dtype}",
+         f"--seq_len={seq_len}", f"--batch={batch}", f"--threads={threads}",
+         f"--dtype={bltjax_dtype}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self.params = float(self._read())
+
+  def _read(self):
+    while True:
+      line = self.proc.stdout.readline()
+      if not line:
+        raise RuntimeError("the PyTorch port benchmark process died")
+      if line.startswith("@"):
+        return line[1:].strip()
+
+  def time(self, steps: int) -> float:
+    self.proc.stdin.write(f"{steps}\n")
+    self.proc.stdin.flush()
+    return float(self._read())
+
+  def close(self):
+    self.proc.stdin.close()
+    self.proc.wait()
+
+
+def port_worker():
+  """Child process: builds the port, then times `n` steps for every `n` read from stdin."""
+  import sys
+  import torch
+  from transformers import BltConfig as HFConfig, BltForCausalLM
+  torch.set_num_threads(_THREADS.value)
+  torch.manual_seed(0)
+  cfg = bench_config(_DTYPE.value)
+  tokens, targets, lengths = real_batch(_BATCH.value, _SEQ_LEN.value)
+  pc = PatchingConfig(mode="byte", threshold=None, threshold_add=None, monotonic=False,
+                      patch_size=None, max_patch_length=None)
+  model = BltForCausalLM(HFConfig(**hf.config_to_hf(cfg, None, pc))).train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+  inputs = dict(input_ids=torch.tensor(tokens, dtype=torch.long),
+                patch_lengths=torch.tensor(lengths, dtype=torch.long))
+  # The port shifts labels itself: labels = inputs, so the loss covers the same target bytes.
+  labels = inputs["input_ids"]
+  autocast = _PORT_DTYPE.value == "bfloat16"
+
+  def step():
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+      out = model(**inputs, labels=labels, use_cache=False)
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+  step()  # warm-up
+  print(f"@{sum(p.numel() for p in model.parameters())}", flush=True)
+  for line in sys.stdin:
+    print(f"@{_median_time(step, int(line))}", flush=True)
+
+
+def bench_train():
+  n, b, steps = _SEQ_LEN.value, _BATCH.value, _STEPS.value
+  cfg = bench_config(_DTYPE.value)
+  tokens, targets, lengths = real_batch(b, n)
+  ours = JaxStep(cfg, tokens, targets, lengths)
+  ports = {dt: TorchStep(dt, n, b, _THREADS.value, _DTYPE.value) for dt in ("float32", "bfloat16")}
+  nbytes = b * n
+  print(f"config: BLT-1B layout at 1/4 width, {ours.params / 1e6:.1f}M parameters "
+        f"(port: {ports['float32'].params / 1e6:.1f}M); batch {b} x {n} bytes, "
+        f"{lengths.shape[1]} patches/row (space patching of stdlib source); "
+        f"{_THREADS.value} threads; bltjax compute {_DTYPE.value}, fp32 params")
+  rows = {"bltjax": [], "port float32": [], "port bf16 autocast": []}
+  for _ in range(_ROUNDS.value):
+    rows["port float32"].append(ports["float32"].time(steps))
+    rows["port bf16 autocast"].append(ports["bfloat16"].time(steps))
+    time.sleep(2)  # let the idle port processes' OpenMP threads stop spinning
+    rows["bltjax"].append(_median_time(ours, steps))
+  for port in ports.values():
+    port.close()
+  for name, times in rows.items():
+    print(f"  {name:20s} step {np.median(times):6.2f} s   {nbytes / np.median(times):8.0f} bytes/s"
+          f"   (rounds: {', '.join(f'{t:.2f}' for t in times)})")
+  for name in ("port float32", "port bf16 autocast"):
+    ratios = [p / o for o, p in zip(rows["bltjax"], rows[name])]
+    print(f"  bltjax / {name}: {np.median(ratios):.2f}x bytes/s "
+          f"(per round: {', '.join(f'{r:.2f}' for r in ratios)})")
+  long_tokens, long_targets, long_lengths = real_batch(b, 2 * n)
+  ours_2n = JaxStep(cfg, long_tokens, long_targets, long_lengths)
+  t1, t2 = [], []
+  for _ in range(_ROUNDS.value):
+    t1.append(_median_time(ours, steps))
+    t2.append(_median_time(ours_2n, steps))
+  print(f"bltjax step time at N={n}: {np.median(t1):.2f} s, at 2N={2 * n}: {np.median(t2):.2f} s "
+        f"-> {np.median(t2) / np.median(t1):.2f}x for twice the bytes (local attention is "
+        f"O(N*window))")
+
+
+def main(argv):
+  if len(argv) != 2 or argv[1] not in COMMANDS:
+    raise app.UsageError(f"usage: python -m bltjax.bench {{{','.join(COMMANDS)}}} [--flags]")
+  COMMANDS[argv[1]]()
+
+
+COMMANDS = {"train": bench_train, "_port": port_worker}
+
+if __name__ == "__main__":
+  app.run(main)
