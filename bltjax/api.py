@@ -10,15 +10,19 @@
 
 import functools
 import logging
+import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
-from bltjax import hf, patching, tokenizer
+from bltjax import generate as generate_lib
+from bltjax import checkpoint, hf, patching, tokenizer
 from bltjax.model.blt import ByteLatentTransformer
-from bltjax.model.config import (BLTConfig, EntropyModelConfig, PatchingConfig, RuntimeConfig)
+from bltjax.model.config import (BLTConfig, EntropyModelConfig, PatchingConfig, RuntimeConfig,
+                                 to_dict)
 from bltjax.model.entropy_model import EntropyModel, entropies_from_logits
 
 
@@ -27,6 +31,11 @@ def param_shapes(module: nn.Module, *example_args) -> dict:
   abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), *example_args))
   flat = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(abstract["params"]))[0]
   return {tuple(k.key for k in path): leaf.shape for path, leaf in flat}
+
+
+def _with_runtime(model: dict, dtype: str) -> dict:
+  """Inference runtime: the requested compute dtype, fp32 params, no rematerialisation."""
+  return dict(model, runtime=dict(dtype=dtype, param_dtype="float32", remat_policy="none"))
 
 
 def _as_tokens(tokens) -> np.ndarray:
@@ -43,10 +52,12 @@ class BLT:
   """A BLT with its entropy model and patching settings; all methods take and return numpy."""
 
   def __init__(self, model_cfg: BLTConfig, params, *, patching_cfg: PatchingConfig,
-               entropy_cfg: EntropyModelConfig | None = None, entropy_params=None):
+               entropy_cfg: EntropyModelConfig | None = None, entropy_params=None,
+               max_context: int = 24576):
     if patching_cfg.mode == "entropy" and entropy_params is None:
       raise ValueError("patching.mode='entropy' needs an entropy model (entropy_params is None)")
     self.config, self.entropy_config, self.patching_config = model_cfg, entropy_cfg, patching_cfg
+    self.max_context = max_context  # bytes per row the model was trained/converted for
     self.model = ByteLatentTransformer(model_cfg)
     self.params = jax.device_put(params)
     self.entropy_model = EntropyModel(entropy_cfg) if entropy_cfg is not None else None
@@ -71,8 +82,67 @@ class BLT:
       entropy_params = hf.load_params(reader, maps[1],
                                       param_shapes(EntropyModel(entropy_cfg), tokens), where=path)
     logging.info("Loaded BLT from %s (patching: %s)", path, patching_cfg)
+    max_context = int(hf.read_config(path)["encoder_config"].get("max_position_embeddings", 24576))
     return cls(model_cfg, params, patching_cfg=patching_cfg, entropy_cfg=entropy_cfg,
-               entropy_params=entropy_params)
+               entropy_params=entropy_params, max_context=max_context)
+
+  @classmethod
+  def from_checkpoint(cls, path: str, *, dtype: str = "float32") -> "BLT":
+    """Loads a training workdir (its latest checkpoint's params, no optimizer state) or a
+    directory written by `BLT.save` / `python -m bltjax.export` / `python -m bltjax.convert`."""
+    params, config, meta, _ = checkpoint.load_params(path)
+    if config.get("model_type") != "blt":
+      raise ValueError(f"{path}: holds a {config.get('model_type')!r} model, not a BLT")
+    model_cfg = BLTConfig.from_dict(_with_runtime(config["model"], dtype))
+    fields = {k: v for k, v in config["patching"].items()
+              if k in PatchingConfig.__dataclass_fields__}
+    if fields.get("threshold") is None:
+      fields["threshold"] = meta.get("patching_threshold")
+    patching_cfg = PatchingConfig.from_dict(fields)
+    entropy_cfg = entropy_params = None
+    if patching_cfg.mode == "entropy":
+      recorded = (meta.get("entropy_model") or {}).get("path")
+      ent_path = checkpoint.resolve(os.path.abspath(path), recorded) if recorded else \
+          config["patching"].get("entropy_model_checkpoint")
+      if not ent_path:
+        raise ValueError(f"{path}: entropy patching, but no entropy model is recorded")
+      entropy_params, ent_config, _, _ = checkpoint.load_params(ent_path)
+      entropy_cfg = EntropyModelConfig.from_dict(_with_runtime(ent_config["model"], dtype))
+    return cls(model_cfg, params, patching_cfg=patching_cfg, entropy_cfg=entropy_cfg,
+               entropy_params=entropy_params, max_context=int(config["data"]["seq_len"]))
+
+  @classmethod
+  def load(cls, path: str, *, dtype: str = "float32") -> "BLT":
+    """A Hugging Face BLT directory, an exported/converted model, or a training workdir."""
+    if os.path.exists(os.path.join(path, "config.json")) and (
+        os.path.exists(os.path.join(path, "model.safetensors")) or
+        os.path.exists(os.path.join(path, "model.safetensors.index.json"))):
+      return cls.from_hf(path, dtype=dtype)
+    return cls.from_checkpoint(path, dtype=dtype)
+
+  def save(self, directory: str, *, format: str = "orbax", dtype: str = "float32"):  # noqa: A002
+    """`orbax`: params-only checkpoint + configs (`BLT.from_checkpoint`, training `init_from`);
+    `hf`: config.json + model.safetensors for `transformers`' BltForCausalLM."""
+    np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
+    cast = lambda tree: jax.tree.map(lambda x: np.asarray(x).astype(np_dtype), tree)  # noqa
+    if format == "hf":
+      hf.save_hf(directory, self.config, cast(self.params), self.patching_config,
+                 self.entropy_config, None if self.entropy_params is None else
+                 cast(self.entropy_params), dtype=np_dtype, max_context=self.max_context)
+      return
+    if format != "orbax":
+      raise ValueError(f"format must be 'orbax' or 'hf', got {format!r}")
+    meta = {"patching_threshold": self.patching_config.threshold}
+    if self.entropy_params is not None:
+      ent_dir = os.path.join(directory, "entropy_model")
+      checkpoint.save_params(ent_dir, cast(self.entropy_params), dict(
+          model_type="entropy_model", model=to_dict(self.entropy_config),
+          data=dict(seq_len=self.max_context)), {})
+      meta["entropy_model"] = dict(path="entropy_model",
+                                   sha256=checkpoint.params_hash(self.entropy_params))
+    config = dict(model_type="blt", model=to_dict(self.config),
+                  patching=to_dict(self.patching_config), data=dict(seq_len=self.max_context))
+    checkpoint.save_params(directory, cast(self.params), config, meta)
 
   # -- entropy model and patching ------------------------------------------------------------------
 
@@ -118,3 +188,68 @@ class BLT:
                        f"tokens), got shape {patch_lengths.shape}")
     patching.validate_patch_lengths(patch_lengths, tokens.shape[1])
     return np.asarray(self._logits_fn(self.params, tokens, jnp.asarray(patch_lengths, jnp.int32)))
+
+  # -- generation ---------------------------------------------------------------------------------
+
+  @functools.cached_property
+  def _generator(self):
+    return generate_lib.Generator(self.config, self.entropy_config, self.patching_config)
+
+  @functools.cached_property
+  def _jit_steps(self):
+    gen = self._generator
+
+    @functools.partial(jax.jit, static_argnames=("sampling", "recompute"), donate_argnums=(2,))
+    def one(params, eparams, state, sampling, recompute=False):
+      fn = gen.recompute_step if recompute else gen.step
+      return fn(params, eparams, state, sampling)
+
+    @functools.partial(jax.jit, static_argnames=("sampling", "recompute"), donate_argnums=(2,))
+    def until_done(params, eparams, state, sampling, recompute=False):
+      fn = gen.recompute_step if recompute else gen.step
+      last = state.tokens.shape[1] - 1
+      return jax.lax.while_loop(lambda s: (s.t < last) & ~jnp.all(s.done),
+                                lambda s: fn(params, eparams, s, sampling), state)
+    return one, until_done
+
+  def generate_bytes(self, prompts, max_new_bytes: int = 256, temperature: float = 0.0,
+                     top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
+                     on_bytes=None, recompute: bool = False) -> list[bytes]:
+    """Continues each prompt (str or bytes) by up to `max_new_bytes` bytes.
+
+    Greedy by default; `temperature` > 0 samples (within the `top_p` nucleus), reproducibly for
+    a `seed`. Rows stop at EOS with `stop_at_eos` (EOS excluded). Special ids are dropped from the
+    output. `on_bytes(chunk)` streams row 0's bytes as they are produced. `recompute=True`
+    re-runs the whole model on the prefix for every byte (the reference's way, for comparison).
+    An empty prompt generates from BOS; a prompt too long for the context keeps its last bytes.
+    """
+    tokens, lengths = generate_lib.prepare_prompts(prompts, max_new_bytes, self.max_context,
+                                                   log=logging.warning)
+    sampling = generate_lib.Sampling(temperature=float(temperature), top_p=float(top_p),
+                                     stop_at_eos=bool(stop_at_eos))
+    state = self._generator.init_state(tokens, lengths, seed)
+    one, until_done = self._jit_steps
+    eparams = self.entropy_params if self.entropy_params is not None else {}
+    if on_bytes is None:
+      state = until_done(self.params, eparams, state, sampling, recompute=recompute)
+    else:
+      last = tokens.shape[1] - 1
+      while int(state.t) < last:
+        state = one(self.params, eparams, state, sampling, recompute=recompute)
+        t = int(state.t)
+        if lengths[0] <= t < lengths[0] + max_new_bytes and not bool(state.done[0]):
+          byte = int(state.tokens[0, t])
+          if byte >= tokenizer.OFFSET:
+            on_bytes(bytes([byte - tokenizer.OFFSET]))
+        if bool(jnp.all(state.done)):
+          break
+    out = generate_lib.generated_ids(np.asarray(state.tokens), lengths, int(state.t),
+                                     max_new_bytes, stop_at_eos)
+    return [tokenizer.decode_bytes(ids) for ids in out]
+
+  def generate(self, prompts, max_new_bytes: int = 256, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True) -> list[str]:
+    """Like `generate_bytes`, decoded as UTF-8 (invalid sequences become U+FFFD)."""
+    return [b.decode("utf-8", errors="replace")
+            for b in self.generate_bytes(prompts, max_new_bytes, temperature, top_p, seed,
+                                         stop_at_eos)]

@@ -115,3 +115,65 @@ def params_hash(params) -> str:
     h.update(f"{jax.tree_util.keystr(path)}:{arr.dtype}:{arr.shape}".encode())
     h.update(arr.tobytes())
   return h.hexdigest()
+
+
+def save_params(directory: str, params, config: dict, meta: dict, step: int = 0):
+  """A params-only checkpoint in the training layout (checkpoints/<step>/{state, config, meta}),
+  so that everything that reads a training workdir (BLT.from_checkpoint, init_from, the patching
+  entropy model) reads it too. No optimizer or data-iterator state."""
+  manager = ocp.CheckpointManager(
+      checkpoint_dir(directory), options=ocp.CheckpointManagerOptions(create=True),
+      item_handlers=dict(state=ocp.StandardCheckpointHandler(),
+                         config=ocp.JsonCheckpointHandler(), meta=ocp.JsonCheckpointHandler()))
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave({"params": params}), config=ocp.args.JsonSave(config),
+      meta=ocp.args.JsonSave(meta)), force=True)
+  manager.wait_until_finished()
+  manager.close()
+
+
+def resolve(base: str, path: str) -> str:
+  """Paths recorded in an exported directory are relative to it."""
+  return path if os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
+
+
+def restore_params(path: str, abstract_params):
+  """Params of the checkpoint under `path`, restored straight onto the shardings of
+  `abstract_params` (ShapeDtypeStructs with .sharding); names every missing or misshaped one."""
+  directory, step = find_checkpoint(path)
+  manager = ocp.CheckpointManager(directory, item_handlers=dict(
+      state=ocp.PyTreeCheckpointHandler(), config=ocp.JsonCheckpointHandler(),
+      meta=ocp.JsonCheckpointHandler(), data=grain.checkpoint.CheckpointHandler()))
+  try:
+    saved = manager.item_metadata(step)["state"]["params"]
+    want = {jax.tree_util.keystr(k): v for k, v in
+            jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+    have = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+    problems = [f"missing {k}" for k in sorted(set(want) - set(have))]
+    problems += [f"unexpected {k}" for k in sorted(set(have) - set(want))]
+    problems += [f"{k}: saved {tuple(have[k].shape)}, model needs {tuple(want[k].shape)}"
+                 for k in sorted(set(want) & set(have))
+                 if tuple(have[k].shape) != tuple(want[k].shape)]
+    if problems:
+      raise ValueError(f"{path}: params do not fit this model: " + "; ".join(problems[:20]))
+    restore_args = jax.tree.map(
+        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype), abstract_params)
+    r = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item={"params": abstract_params}, restore_args={"params": restore_args},
+        partial_restore=True)))
+  finally:
+    manager.close()
+  return r["state"]["params"]
+
+
+def recorded_entropy_model(path: str) -> str | None:
+  """The entropy model recorded in the metadata of the checkpoint under `path`, if any."""
+  directory, step = find_checkpoint(path)
+  manager = ocp.CheckpointManager(directory, item_handlers=dict(
+      meta=ocp.JsonCheckpointHandler()))
+  try:
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  finally:
+    manager.close()
+  recorded = (meta.get("entropy_model") or {}).get("path")
+  return resolve(os.path.abspath(path), recorded) if recorded else None

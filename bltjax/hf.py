@@ -321,3 +321,46 @@ def params_to_hf(params: dict, key_map, dtype=np.float32) -> dict[str, np.ndarra
     for name, v in zip([names] if isinstance(names, str) else names, values):
       out[name] = np.ascontiguousarray((v.T if transpose else v).astype(dtype))
   return out
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray]):
+  """`model.safetensors` with the metadata `transformers` expects; float32 or bfloat16 arrays
+  (numpy cannot name bf16, so the file is written directly: 8-byte header length, JSON header,
+  then the raw little-endian data in header order)."""
+  names = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16",
+           np.dtype(np.float16): "F16"}
+  header, offset, blobs = {"__metadata__": {"format": "pt"}}, 0, []
+  for name in sorted(tensors):
+    arr = np.ascontiguousarray(tensors[name])
+    if arr.dtype not in names:
+      raise ValueError(f"tensor {name}: unsupported dtype {arr.dtype}")
+    data = arr.tobytes()
+    header[name] = dict(dtype=names[arr.dtype], shape=list(arr.shape),
+                        data_offsets=[offset, offset + len(data)])
+    offset += len(data)
+    blobs.append(data)
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+    for data in blobs:
+      f.write(data)
+
+
+def save_hf(directory: str, model: BLTConfig, params, patching: PatchingConfig,
+            entropy: EntropyModelConfig | None = None, entropy_params=None, *,
+            dtype=np.float32, max_context: int | None = None):
+  """Writes config.json + model.safetensors that `BltForCausalLM.from_pretrained` loads."""
+  os.makedirs(directory, exist_ok=True)
+  cfg = config_to_hf(model, entropy, patching)
+  cfg["torch_dtype"] = cfg["dtype"] = "bfloat16" if dtype == ml_dtypes.bfloat16 else "float32"
+  if max_context is not None:
+    cfg["encoder_config"]["max_position_embeddings"] = max_context
+    cfg["decoder_config"]["max_position_embeddings"] = max_context
+  tensors = params_to_hf(params, blt_key_map(model), dtype)
+  if entropy is not None:
+    tensors |= params_to_hf(entropy_params, entropy_key_map(entropy), dtype)
+  write_safetensors(os.path.join(directory, "model.safetensors"), tensors)
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(cfg, f, indent=2)

@@ -34,6 +34,10 @@ def run(config, workdir: str, *, stop_at_step: int | None = None):
   entropy_ckpt = None
   if config.model_type == "blt" and config.patching.mode == "entropy":
     entropy_ckpt = config.patching.entropy_model_checkpoint
+    if not entropy_ckpt and config.init_from:
+      entropy_ckpt = checkpoint.recorded_entropy_model(config.init_from)
+      if entropy_ckpt:
+        logging.info("patching with the entropy model recorded in init_from: %s", entropy_ckpt)
     if not entropy_ckpt:
       entropy_ckpt = os.path.join(workdir, ENTROPY_STAGE_DIR)
       stage = configs.entropy_stage_config(config)
@@ -122,6 +126,10 @@ def train_stage(config, workdir: str, *, entropy_checkpoint: str | None = None,
   if start is not None:
     state, train_it = ckpt.restore(start, abstract, train_it)
     logging.info("Resumed %s from step %d", workdir, start)
+  elif config.init_from:
+    state = ts.init_state_from(config, optimizer, mesh, abstract, state_sh, config.init_from)
+    logging.info("Initialised %s from the params of %s", workdir, config.init_from)
+    start = 0
   else:
     state = ts.init_state(config, model, optimizer, mesh, state_sh, config.seed)
     start = 0

@@ -96,3 +96,14 @@ def batch_shardings(config, mesh, batch_size: int):
 
 def param_count(params) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def init_state_from(config, optimizer, mesh, abstract, shardings, path: str):
+  """A fresh train state (step 0, new optimizer state) whose params come from `path` (an
+  exported/converted model or another workdir), restored directly onto their shards."""
+  from bltjax import checkpoint  # Orbax import kept out of model-only uses of this module
+  params = checkpoint.restore_params(path, abstract.params)
+  with sharding.mesh_context(mesh):
+    return jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                                        opt_state=optimizer.init(p)),
+                   in_shardings=(shardings.params,), out_shardings=shardings)(params)

@@ -20,6 +20,8 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seed = 42
   c.model_type = "blt"
+  c.init_from = placeholder(str)  # start from these params (python -m bltjax.convert/export
+                                  # output, or a workdir); its entropy model cuts the patches
   c.model = dict(
       encoder=dict(dim=1024, n_layers=1, n_heads=16, n_kv_heads=16,  # local encoder
                    ffn_dim=2816,          # int(2*4*1024/3) rounded up to 256

@@ -17,6 +17,8 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seed = 0                  # PRNG seed for initialisation and data order
   c.model_type = "blt"        # 'blt' or 'entropy_model'
+  c.init_from = placeholder(str)  # start from these params (python -m bltjax.convert/export
+                                  # output, or a workdir); its entropy model cuts the patches
 
   c.model = dict(
       encoder=dict(           # local encoder: bytes, windowed self-attention
@@ -110,6 +112,7 @@ def get_config(arg=None):
   c.entropy_model = dict(
       seed=1,
       model_type="entropy_model",
+      init_from=placeholder(str),  # start from these params instead of a random init
       model=dict(
           transformer=dict(
               dim=128, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=384,

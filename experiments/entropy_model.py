@@ -18,6 +18,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seed = 42                  # the reference's model seed
   c.model_type = "entropy_model"
+  c.init_from = placeholder(str)  # start from these params (an exported model or a workdir)
   c.model = dict(
       transformer=dict(
           dim=768,             # width

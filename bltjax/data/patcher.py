@@ -3,8 +3,8 @@
 Each row holds N input bytes that may span several documents. Patches follow the configured mode
 (entropy from the frozen entropy model, space, static or byte) over N + 1 positions (the last one
 is the next byte, the reference's convention), with two additions that make a packed row patch
-like the reference patches each document on its own: a document's BOS and the byte after it start
-patches, and EOS ends one. Rows get exactly `max_patches` patches; surplus patches are merged into
+like the reference patches each document on its own: BOS and EOS each end a patch (so a
+document's BOS is a patch of its own and its first byte starts one). Rows get exactly `max_patches` patches; surplus patches are merged into
 the last one and counted (`patch_overflow`).
 """
 
@@ -23,14 +23,13 @@ from bltjax.model.config import EntropyModelConfig, PatchingConfig
 
 
 def document_starts(tokens_BxN):
-  """bool [B, N+1]: BOS positions, the position after a BOS, and the position after an EOS."""
+  """bool [B, N+1]: the positions after a BOS or an EOS (a document's BOS always follows the
+  previous document's EOS). Position p depends only on byte p-1, so generation can apply the same
+  rule before byte p exists."""
   xp = jnp if isinstance(tokens_BxN, jax.Array) else np
   b, _ = tokens_BxN.shape
-  is_bos = tokens_BxN == tokenizer.BOS_ID
-  at = xp.concatenate([is_bos, xp.zeros((b, 1), bool)], axis=1)
-  after = xp.concatenate([xp.zeros((b, 1), bool),
-                          is_bos | (tokens_BxN == tokenizer.EOS_ID)], axis=1)
-  return at | after
+  ends = (tokens_BxN == tokenizer.BOS_ID) | (tokens_BxN == tokenizer.EOS_ID)
+  return xp.concatenate([xp.zeros((b, 1), bool), ends], axis=1)
 
 
 def start_mask(tokens_BxN, entropies_BxN, pc: PatchingConfig):

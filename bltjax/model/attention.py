@@ -170,3 +170,39 @@ def byte_to_patch_attention(q_BxNxHxD, k_BxPxkxHxD, v_BxPxkxHxD, patch_ids_BxN):
   out = jnp.einsum("btjh,btjhd->bthd", p.astype(v_t.dtype), v_t,
                    preferred_element_type=jnp.float32)
   return out.astype(q_BxNxHxD.dtype)
+
+
+def cached_attention(q_BxHxD, cache, q_pos_B, q_seg_B, *, window):
+  """One query per row against a KV cache: {k, v: [B, S, K, D], pos, seg: [B, S]} (pos -1 =
+  empty slot). Same visibility rule as `local_attention`. Returns [B, H, D]."""
+  b, h, d = q_BxHxD.shape
+  num_kv = cache["k"].shape[2]
+  q = q_BxHxD.reshape(b, num_kv, h // num_kv, d) * (d**-0.5)
+  scores = jnp.einsum("bkgd,bskd->bkgs", q, cache["k"], preferred_element_type=jnp.float32)
+  pos = cache["pos"]
+  mask = (pos >= 0) & (pos <= q_pos_B[:, None]) & (cache["seg"] == q_seg_B[:, None])
+  if window is not None:
+    mask &= q_pos_B[:, None] - pos < window
+  probs = _masked_softmax(scores, mask[:, None, None, :], rows_may_be_empty=False)
+  out = jnp.einsum("bkgs,bskd->bkgd", probs.astype(cache["v"].dtype), cache["v"],
+                   preferred_element_type=jnp.float32)
+  return out.reshape(b, h, d).astype(q_BxHxD.dtype)
+
+
+def empty_kv_cache(batch, size, num_kv_heads, head_dim, dtype, layers=None):
+  """A KV cache with every slot empty; `layers` adds a leading layer axis (scanned stacks)."""
+  lead = (batch, size) if layers is None else (layers, batch, size)
+  return dict(k=jnp.zeros(lead + (num_kv_heads, head_dim), dtype),
+              v=jnp.zeros(lead + (num_kv_heads, head_dim), dtype),
+              pos=jnp.full(lead, -1, jnp.int32), seg=jnp.zeros(lead, jnp.int32))
+
+
+def write_kv_cache(cache, k_BxKxD, v_BxKxD, pos_B, seg_B, slot_B, write_B):
+  """Writes one entry per row at `slot` (rows with write False keep their cache)."""
+  size = cache["pos"].shape[1]
+  hit = (jnp.arange(size)[None, :] == slot_B[:, None]) & write_B[:, None]  # [B, S]
+  sel = hit[:, :, None, None]
+  return dict(k=jnp.where(sel, k_BxKxD[:, None].astype(cache["k"].dtype), cache["k"]),
+              v=jnp.where(sel, v_BxKxD[:, None].astype(cache["v"].dtype), cache["v"]),
+              pos=jnp.where(hit, pos_B[:, None], cache["pos"]),
+              seg=jnp.where(hit, seg_B[:, None], cache["seg"]))

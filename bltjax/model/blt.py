@@ -27,22 +27,25 @@ class ByteEmbedding(nn.Module):
   """Byte embedding + the sum of all hash n-gram embeddings (no normalisation, as the reference)."""
   cfg: BLTConfig
 
-  @nn.compact
-  def __call__(self, tokens_BxN, hash_ids_BxNxT=None):
+  def setup(self):
     c = self.cfg
     d = c.encoder.dim
     pdt = jnp.dtype(c.runtime.param_dtype)
-    x = Embed(c.vocab_size, d, d**-0.5, ("vocab", "embed"), param_dtype=pdt,
-              name="tok_embeddings")(tokens_BxN).astype(jnp.float32)
+    self.tok_embeddings = Embed(c.vocab_size, d, d**-0.5, ("vocab", "embed"), param_dtype=pdt)
+    if c.num_hash_tables:
+      # One fused table, function-major (table i = f * len(group_sizes) + group), as the HF port.
+      self.hash_embeddings = Embed(c.num_hash_tables * c.hash_vocab, d, d**-0.5,
+                                   ("hash_vocab", "embed"), param_dtype=pdt)
+
+  def __call__(self, tokens_BxN, hash_ids_BxNxT=None):
+    c = self.cfg
+    x = self.tok_embeddings(tokens_BxN).astype(jnp.float32)
     if c.num_hash_tables:
       if hash_ids_BxNxT is None:
         hash_ids_BxNxT = hashing.hash_ids(tokens_BxN, group_sizes=c.hash_group_sizes,
                                           num_functions=c.hash_functions, vocab=c.hash_vocab)
-      # One fused table, function-major (table i = f * len(group_sizes) + group), as in the HF port.
       offsets = jnp.arange(c.num_hash_tables, dtype=jnp.int32) * c.hash_vocab
-      table = Embed(c.num_hash_tables * c.hash_vocab, d, d**-0.5, ("hash_vocab", "embed"),
-                    param_dtype=pdt, name="hash_embeddings")
-      x = x + jnp.sum(table(hash_ids_BxNxT + offsets).astype(jnp.float32), axis=2)
+      x = x + jnp.sum(self.hash_embeddings(hash_ids_BxNxT + offsets).astype(jnp.float32), axis=2)
     return constrain(x.astype(jnp.dtype(c.runtime.dtype)), ACT)
 
 
@@ -53,10 +56,17 @@ class ByteLatentTransformer(nn.Module):
   zero-padded, rows summing to N + 1 (the last patch covers the not-yet-seen next byte);
   optionally hash_ids [B, N, T] (per-table n-gram ids from `hashing.hash_ids_numpy`, when the data
   pipeline computes them on the host). Output: fp32 logits [B, N, 260].
+
+  The other methods are the pieces of cached generation (bltjax/generate.py).
   """
   cfg: BLTConfig
 
-  @nn.compact
+  def setup(self):
+    self.embed = ByteEmbedding(self.cfg)
+    self.local_encoder = LocalEncoder(self.cfg)
+    self.latent = LatentTransformer(self.cfg)
+    self.local_decoder = LocalDecoder(self.cfg)
+
   def __call__(self, tokens_BxN, patch_lengths_BxP, hash_ids_BxNxT=None):
     c = self.cfg
     b, n = tokens_BxN.shape
@@ -66,9 +76,30 @@ class ByteLatentTransformer(nn.Module):
     positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))  # not reset per document
     docs = document_ids(tokens_BxN)
 
-    x = ByteEmbedding(c, name="embed")(tokens_BxN, hash_ids_BxNxT)
-    h_enc, pe_BxPxkxD = LocalEncoder(c, name="local_encoder")(x, positions, docs, patch_ids, p)
+    x = self.embed(tokens_BxN, hash_ids_BxNxT)
+    h_enc, pe_BxPxkxD = self.local_encoder(x, positions, docs, patch_ids, p)
     latent_in = pe_BxPxkxD.reshape(b, p, c.cross_attn_k * c.encoder.dim)
-    latent = LatentTransformer(c, name="latent")(
-        latent_in, patch_document_ids(tokens_BxN, patch_ids, p))
-    return LocalDecoder(c, name="local_decoder")(h_enc, latent, dec_patch_ids, positions, docs)
+    latent = self.latent(latent_in, patch_document_ids(tokens_BxN, patch_ids, p))
+    return self.local_decoder(h_enc, latent, dec_patch_ids, positions, docs)
+
+  # -- generation, one byte per row at a time ------------------------------------------------------
+
+  def encode_byte(self, window_BxW, pos_B, doc_B, cache):
+    """Byte `window[:, -1]` at row position `pos` (the window holds the last bytes, zero-padded on
+    the left, enough for the longest n-gram): (h [B, 1, D], states for pooling, cache)."""
+    x = self.embed(window_BxW)[:, -1:]
+    return self.local_encoder.step(x, pos_B, doc_B, cache)
+
+  def encode_patch(self, states_LxBxTxD, in_patch_BxT):
+    """Latent input [B, 1, k*D] of the patch made of the bytes where `in_patch` is True."""
+    ids = jnp.where(in_patch_BxT, 0, 1)  # id 1 is outside the single segment: ignored
+    pe = self.local_encoder.pool(states_LxBxTxD, ids, 1)
+    return pe.reshape(pe.shape[0], 1, -1)
+
+  def latent_step(self, x_Bx1xE, patch_index_B, doc_B, write_B, cache):
+    """Latent output for each row's new patch, projected for the decoder: [B, 1, k, D]."""
+    h, cache = self.latent.step(x_Bx1xE, patch_index_B, doc_B, write_B, cache)
+    return self.local_decoder.patch_states(h), cache
+
+  def decode_byte(self, h_Bx1xD, pe_Bx1xkxD, pos_B, doc_B, cache):
+    return self.local_decoder.step(h_Bx1xD, pe_Bx1xkxD, pos_B, doc_B, cache)

@@ -25,19 +25,31 @@ class EntropyModel(nn.Module):
   """
   cfg: EntropyModelConfig
 
-  @nn.compact
-  def __call__(self, tokens_BxN):
+  def setup(self):
     c, t = self.cfg, self.cfg.transformer
     kw = dtypes(c.runtime)
+    self.tok_embeddings = Embed(c.vocab_size, t.dim, t.dim**-0.5, ("vocab", "embed"),
+                                param_dtype=kw["param_dtype"])
+    self.stack = Stack(t, c.runtime)
+    self.norm = RMSNorm(t.norm_eps, **kw)
+    self.output = Dense(c.vocab_size, t.dim**-0.5, ("embed", "vocab"), out_dtype=jnp.float32,
+                        **kw)
+
+  def _embed(self, tokens):
+    return self.tok_embeddings(tokens).astype(jnp.dtype(self.cfg.runtime.dtype))
+
+  def __call__(self, tokens_BxN):
     b, n = tokens_BxN.shape
-    x = Embed(c.vocab_size, t.dim, t.dim**-0.5, ("vocab", "embed"),
-              param_dtype=kw["param_dtype"], name="tok_embeddings")(tokens_BxN)
     positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-    h, _ = Stack(t, c.runtime, name="stack")(x.astype(kw["dtype"]), positions,
-                                             document_ids(tokens_BxN))
-    h = RMSNorm(t.norm_eps, **kw, name="norm")(h)
-    return Dense(c.vocab_size, t.dim**-0.5, ("embed", "vocab"), out_dtype=jnp.float32,
-                 name="output", **kw)(h)
+    h, _ = self.stack(self._embed(tokens_BxN), positions, document_ids(tokens_BxN))
+    return self.output(self.norm(h))
+
+  def step(self, token_B, pos_B, doc_B, cache):
+    """One byte per row against a ring KV cache: (logits [B, V] for the next byte, cache)."""
+    slot = pos_B % cache["pos"].shape[-1]
+    h, (cache, _) = self.stack(self._embed(token_B[:, None]), pos_B[:, None], doc_B[:, None],
+                               cache, slot, jnp.ones_like(pos_B, bool))
+    return self.output(self.norm(h))[:, 0], cache
 
 
 def entropies_from_logits(logits_BxNxV):

@@ -16,15 +16,27 @@ class LatentTransformer(nn.Module):
   """
   cfg: BLTConfig
 
-  @nn.compact
-  def __call__(self, x_BxPxE, segment_ids_BxP):
+  def setup(self):
     c = self.cfg
-    b, p, e = x_BxPxE.shape
-    x = x_BxPxE
+    e = c.latent_input_dim
     if e != c.latent.dim:
-      x = Dense(c.latent.dim, e**-0.5, ("mlp", "embed"), name="token_embedding_projection",
-                **dtypes(c.runtime))(x)
-    x = x.astype(jnp.dtype(c.runtime.dtype))
+      self.token_embedding_projection = Dense(c.latent.dim, e**-0.5, ("mlp", "embed"),
+                                              **dtypes(c.runtime))
+    self.stack = Stack(c.latent, c.runtime)
+
+  def _project(self, x_BxPxE):
+    if self.cfg.latent_input_dim != self.cfg.latent.dim:
+      x_BxPxE = self.token_embedding_projection(x_BxPxE)
+    return x_BxPxE.astype(jnp.dtype(self.cfg.runtime.dtype))
+
+  def __call__(self, x_BxPxE, segment_ids_BxP):
+    b, p, _ = x_BxPxE.shape
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))  # patch index in row
-    h, _ = Stack(c.latent, c.runtime, name="stack")(x, positions, segment_ids_BxP)
+    h, _ = self.stack(self._project(x_BxPxE), positions, segment_ids_BxP)
     return h
+
+  def step(self, x_Bx1xE, patch_index_B, doc_B, write_B, cache):
+    """One new patch per row (rows with write False leave the cache unchanged)."""
+    h, (cache, _) = self.stack(self._project(x_Bx1xE), patch_index_B[:, None], doc_B[:, None],
+                               cache, patch_index_B, write_B)
+    return h, cache

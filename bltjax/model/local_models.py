@@ -1,4 +1,7 @@
-"""Local encoder (bytes -> patch representations) and local decoder (patches -> next-byte logits)."""
+"""Local encoder (bytes -> patch representations) and local decoder (patches -> next-byte logits).
+
+Both work on whole rows (training) and, for generation, one byte at a time with KV caches.
+"""
 
 import flax.linen as nn
 import jax
@@ -6,13 +9,13 @@ import jax.numpy as jnp
 
 from bltjax.model.config import BLTConfig
 from bltjax.model.layers import Dense, RMSNorm, constrain
-from bltjax.model.transformer import (ACT, Block, ByteCrossAttention, PatchCrossAttention, Stack,
-                                      dtypes, scan_stack)
+from bltjax.model.transformer import (ACT, BLOCK_IN_AXES, Block, ByteCrossAttention,
+                                      PatchCrossAttention, Stack, dtypes, scan_stack)
 
 
 def max_pool_patches(h_BxNxD, patch_ids_BxN, num_patches):
   """Per-patch max over its bytes' states; empty patches are exactly 0 (the reference scatters
-  `amax` into zeros with include_self=False)."""
+  `amax` into zeros with include_self=False). Ids outside [0, num_patches) are ignored."""
   pooled = jax.vmap(lambda h, ids: jax.ops.segment_max(h, ids, num_segments=num_patches))(
       h_BxNxD, patch_ids_BxN)
   return jnp.where(jnp.isfinite(pooled), pooled, 0).astype(h_BxNxD.dtype)
@@ -28,25 +31,37 @@ class LocalEncoder(nn.Module):
   """
   cfg: BLTConfig
 
-  @nn.compact
-  def __call__(self, x_BxNxD, positions_BxN, segment_ids_BxN, patch_ids_BxN, num_patches):
+  def setup(self):
     c = self.cfg
-    enc, k = c.encoder, c.cross_attn_k
-    b, n, d = x_BxNxD.shape
-    all_layers = c.cross_attn_all_layers_encoder
-    h, h_LxBxNxD = Stack(enc, c.runtime, collect=all_layers, name="stack")(
-        x_BxNxD, positions_BxN, segment_ids_BxN)
+    d, k = c.encoder.dim, c.cross_attn_k
+    self.all_layers = c.cross_attn_all_layers_encoder
+    self.stack = Stack(c.encoder, c.runtime, collect=self.all_layers)
+    self.patch_embedding_projection = Dense(k * d, d**-0.5, ("embed", "mlp"), **dtypes(c.runtime))
+    self.cross_attn = scan_stack(
+        PatchCrossAttention, length=c.encoder.n_layers if self.all_layers else 1, rt=c.runtime,
+        in_axes=(0, nn.broadcast))(d, c.cross_attn_nheads, c.encoder.norm_eps, c.runtime)
+
+  def pool(self, kv_LxBxNxD, patch_ids_BxN, num_patches):
+    """Patch representations [B, P, k, D] from the byte states of the cross-attention layers."""
+    b, d = kv_LxBxNxD.shape[1], kv_LxBxNxD.shape[-1]
+    pooled = max_pool_patches(kv_LxBxNxD[0], patch_ids_BxN, num_patches)
+    pe = self.patch_embedding_projection(pooled).reshape(b, num_patches, self.cfg.cross_attn_k, d)
     # The self-attention path never reads the patch states, so the cross-attention layers can run
     # after the whole stack, each on the byte states of its own layer.
-    kv_LxBxNxD = h_LxBxNxD if all_layers else h[None]
-    pooled = max_pool_patches(kv_LxBxNxD[0], patch_ids_BxN, num_patches)
-    pe = Dense(k * d, d**-0.5, ("embed", "mlp"), name="patch_embedding_projection",
-               **dtypes(c.runtime))(pooled).reshape(b, num_patches, k, d)
-    cross = scan_stack(PatchCrossAttention, length=kv_LxBxNxD.shape[0], rt=c.runtime,
-                       in_axes=(0, nn.broadcast))
-    pe, _ = cross(d, c.cross_attn_nheads, enc.norm_eps, c.runtime, name="cross_attn")(
-        pe, kv_LxBxNxD, patch_ids_BxN)
-    return h, pe
+    pe, _ = self.cross_attn(pe, kv_LxBxNxD, patch_ids_BxN)
+    return pe
+
+  def __call__(self, x_BxNxD, positions_BxN, segment_ids_BxN, patch_ids_BxN, num_patches):
+    h, (_, h_LxBxNxD) = self.stack(x_BxNxD, positions_BxN, segment_ids_BxN)
+    kv = h_LxBxNxD if self.all_layers else h[None]
+    return h, self.pool(kv, patch_ids_BxN, num_patches)
+
+  def step(self, x_Bx1xD, pos_B, seg_B, cache):
+    """One byte per row: (h [B, 1, D], its states for pooling [L', B, 1, D], new cache)."""
+    slot = pos_B % cache["pos"].shape[-1]
+    write = jnp.ones_like(pos_B, bool)
+    h, (cache, h_L) = self.stack(x_Bx1xD, pos_B[:, None], seg_B[:, None], cache, slot, write)
+    return h, (h_L if self.all_layers else h[None]), cache
 
 
 class DecoderLayer(nn.Module):
@@ -54,12 +69,13 @@ class DecoderLayer(nn.Module):
   cfg: BLTConfig
 
   @nn.compact
-  def __call__(self, h_BxNxD, pe_BxPxkxD, patch_ids_BxN, positions_BxN, segment_ids_BxN):
+  def __call__(self, h_BxNxD, pe_BxPxkxD, patch_ids_BxN, positions_BxN, segment_ids_BxN,
+               cache=None, slot_B=None, write_B=None):
     c = self.cfg
     h = ByteCrossAttention(c.decoder.dim, c.cross_attn_nheads, c.decoder.norm_eps, c.runtime,
                            name="cross_attn")(h_BxNxD, pe_BxPxkxD, patch_ids_BxN)
-    h, _ = Block(c.decoder, c.runtime, name="block")(h, positions_BxN, segment_ids_BxN)
-    return h, None
+    return Block(c.decoder, c.runtime, name="block")(h, positions_BxN, segment_ids_BxN, cache,
+                                                     slot_B, write_B)
 
 
 class LocalDecoder(nn.Module):
@@ -70,24 +86,48 @@ class LocalDecoder(nn.Module):
   """
   cfg: BLTConfig
 
-  @nn.compact
-  def __call__(self, h_BxNxD, latent_BxPxG, dec_patch_ids_BxN, positions_BxN, segment_ids_BxN):
+  def setup(self):
     c = self.cfg
     dec, k = c.decoder, c.cross_attn_k
-    b, p, g = latent_BxPxG.shape
     kw = dtypes(c.runtime)
-    pe = Dense(k * dec.dim, g**-0.5, ("embed", "mlp"), name="patch_embedding_projection",
-               **kw)(latent_BxPxG).reshape(b, p, k, dec.dim)
+    self.patch_embedding_projection = Dense(k * dec.dim, c.latent.dim**-0.5, ("embed", "mlp"),
+                                            **kw)
     if c.cross_attn_all_layers_decoder:
-      layers = scan_stack(DecoderLayer, length=dec.n_layers, rt=c.runtime,
-                          in_axes=(nn.broadcast,) * 4)
-      h, _ = layers(c, name="layers")(h_BxNxD, pe, dec_patch_ids_BxN, positions_BxN,
-                                      segment_ids_BxN)
+      self.layers = scan_stack(DecoderLayer, length=dec.n_layers, rt=c.runtime,
+                               in_axes=(nn.broadcast, nn.broadcast) + BLOCK_IN_AXES)(c)
     else:  # Cross-attention before the first layer only.
-      h = ByteCrossAttention(dec.dim, c.cross_attn_nheads, dec.norm_eps, c.runtime,
-                             name="cross_attn")(h_BxNxD, pe, dec_patch_ids_BxN)
-      h, _ = Stack(dec, c.runtime, name="stack")(h, positions_BxN, segment_ids_BxN)
-    h = constrain(RMSNorm(dec.norm_eps, **kw, name="norm")(h), ACT)
+      self.cross_attn = ByteCrossAttention(dec.dim, c.cross_attn_nheads, dec.norm_eps, c.runtime)
+      self.stack = Stack(dec, c.runtime)
+    self.norm = RMSNorm(dec.norm_eps, **kw)
     # fp32 logits from bf16 activations: the loss and softmax must not run in bf16.
-    return Dense(c.vocab_size, dec.dim**-0.5, ("embed", "vocab"), out_dtype=jnp.float32,
-                 name="output", **kw)(h)
+    self.output = Dense(c.vocab_size, dec.dim**-0.5, ("embed", "vocab"), out_dtype=jnp.float32,
+                        **kw)
+
+  def patch_states(self, latent_BxPxG):
+    """Latent outputs -> the k sub-vectors per patch that bytes attend to: [B, P, k, D]."""
+    b, p, _ = latent_BxPxG.shape
+    dim = self.cfg.decoder.dim
+    return self.patch_embedding_projection(latent_BxPxG).reshape(b, p, self.cfg.cross_attn_k, dim)
+
+  def bytes_to_logits(self, h_BxNxD, pe_BxPxkxD, dec_patch_ids_BxN, positions_BxN,
+                      segment_ids_BxN, cache=None, slot_B=None, write_B=None):
+    if self.cfg.cross_attn_all_layers_decoder:
+      h, (cache, _) = self.layers(h_BxNxD, pe_BxPxkxD, dec_patch_ids_BxN, positions_BxN,
+                                  segment_ids_BxN, cache, slot_B, write_B)
+    else:
+      h = self.cross_attn(h_BxNxD, pe_BxPxkxD, dec_patch_ids_BxN)
+      h, (cache, _) = self.stack(h, positions_BxN, segment_ids_BxN, cache, slot_B, write_B)
+    return self.output(constrain(self.norm(h), ACT)), cache
+
+  def __call__(self, h_BxNxD, latent_BxPxG, dec_patch_ids_BxN, positions_BxN, segment_ids_BxN):
+    logits, _ = self.bytes_to_logits(h_BxNxD, self.patch_states(latent_BxPxG), dec_patch_ids_BxN,
+                                     positions_BxN, segment_ids_BxN)
+    return logits
+
+  def step(self, h_Bx1xD, pe_Bx1xkxD, pos_B, seg_B, cache):
+    """One byte per row reading one patch (its k sub-vectors): (logits [B, V], new cache)."""
+    slot = pos_B % cache["pos"].shape[-1]
+    zeros = jnp.zeros(pos_B.shape + (1,), jnp.int32)
+    logits, cache = self.bytes_to_logits(h_Bx1xD, pe_Bx1xkxD, zeros, pos_B[:, None],
+                                         seg_B[:, None], cache, slot, jnp.ones_like(pos_B, bool))
+    return logits[:, 0], cache

@@ -48,11 +48,18 @@ class SelfAttention(nn.Module):
     b, s, h, d = o_BxSxHxD.shape
     return self.wo(constrain(o_BxSxHxD, ("batch", "length", "act_heads", None)).reshape(b, s, h * d))
 
-  def __call__(self, x_BxSxD, positions_BxS, segment_ids_BxS):
+  def __call__(self, x_BxSxD, positions_BxS, segment_ids_BxS, cache=None, slot_B=None,
+               write_B=None):
     q, k, v = self.qkv(x_BxSxD, positions_BxS)
-    # Positions are row positions 0..S-1 here, so blockwise local attention applies.
-    o = attention.local_attention(q, k, v, segment_ids_BxS, window=self.cfg.attn_window)
-    return self.out(o)
+    if cache is None:
+      # Positions are row positions 0..S-1 here, so blockwise local attention applies.
+      o = attention.local_attention(q, k, v, segment_ids_BxS, window=self.cfg.attn_window)
+      return self.out(o), None
+    # Decoding one position per row (S = 1) against a KV cache.
+    pos, seg = positions_BxS[:, 0], segment_ids_BxS[:, 0]
+    cache = attention.write_kv_cache(cache, k[:, 0], v[:, 0], pos, seg, slot_B, write_B)
+    o = attention.cached_attention(q[:, 0], cache, pos, seg, window=self.cfg.attn_window)
+    return self.out(o[:, None]), cache
 
 
 class Block(nn.Module):
@@ -68,11 +75,15 @@ class Block(nn.Module):
     self.ffn_norm = RMSNorm(c.norm_eps, **kw)
     self.feed_forward = SwiGLU(c.ffn_dim, **kw)
 
-  def __call__(self, x_BxSxD, positions_BxS, segment_ids_BxS):
+  def __call__(self, x_BxSxD, positions_BxS, segment_ids_BxS, cache=None, slot_B=None,
+               write_B=None):
+    """(y, (new KV cache or None, y if `collect` else None)): the scan stacks the second part."""
     x = constrain(x_BxSxD, ACT)
-    h = x + self.attention(self.attention_norm(x), positions_BxS, segment_ids_BxS)
+    a, cache = self.attention(self.attention_norm(x), positions_BxS, segment_ids_BxS, cache,
+                              slot_B, write_B)
+    h = x + a
     y = constrain(h + self.feed_forward(self.ffn_norm(h)), ACT)
-    return y, (y if self.collect else None)
+    return y, (cache, y if self.collect else None)
 
 
 def scan_stack(block_cls, *, length: int, rt: RuntimeConfig, in_axes):
@@ -90,18 +101,31 @@ def scan_stack(block_cls, *, length: int, rt: RuntimeConfig, in_axes):
                  metadata_params={nn.PARTITION_NAME: "layers"})
 
 
+# Block arguments after the carry: positions, segment ids (broadcast), per-layer KV cache (scanned
+# over layers; None when training), cache slot and write mask (broadcast).
+BLOCK_IN_AXES = (nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast)
+
+
 class Stack(nn.Module):
-  """`cfg.n_layers` scanned Blocks. Returns (y, per-layer outputs [L, B, S, D] or None)."""
+  """`cfg.n_layers` scanned Blocks. Returns (y, (new KV caches [L, ...] when decoding with a
+  `cache` else None, every layer's output [L, B, S, D] with `collect` else None))."""
   cfg: TransformerConfig
   rt: RuntimeConfig
   collect: bool = False
 
-  @nn.compact
-  def __call__(self, x_BxSxD, positions_BxS, segment_ids_BxS):
-    layers = scan_stack(Block, length=self.cfg.n_layers, rt=self.rt,
-                        in_axes=(nn.broadcast, nn.broadcast))
-    return layers(self.cfg, self.rt, self.collect, name="layers")(
-        x_BxSxD, positions_BxS, segment_ids_BxS)
+  def setup(self):
+    self.layers = scan_stack(Block, length=self.cfg.n_layers, rt=self.rt,
+                             in_axes=BLOCK_IN_AXES)(self.cfg, self.rt, self.collect)
+
+  def __call__(self, x_BxSxD, positions_BxS, segment_ids_BxS, cache=None, slot_B=None,
+               write_B=None):
+    return self.layers(x_BxSxD, positions_BxS, segment_ids_BxS, cache, slot_B, write_B)
+
+
+def empty_stack_cache(cfg: TransformerConfig, rt: RuntimeConfig, batch: int, size: int):
+  """KV caches for every layer of a Stack: [L, B, size, ...]."""
+  return attention.empty_kv_cache(batch, size, cfg.n_kv_heads, cfg.head_dim, jnp.dtype(rt.dtype),
+                                  layers=cfg.n_layers)
 
 
 class CrossAttention(nn.Module):
