@@ -19,7 +19,7 @@ from bltjax.model.config import BLTConfig, EntropyModelConfig, PatchingConfig
 MODEL_TYPES = ("blt", "entropy_model")
 # Fields of the stage-1 data section taken from the BLT's data section: both stages read the same
 # documents (the paper's recipe).
-SHARED_DATA_FIELDS = ("source", "paths", "text_field", "eval_fraction")
+SHARED_DATA_FIELDS = ("source", "paths", "text_field", "eval_fraction", "shards")
 
 
 def load(spec: str) -> ml_collections.ConfigDict:

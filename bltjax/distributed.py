@@ -36,3 +36,7 @@ def _multi_process_env() -> bool:
   hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
   return "," in hosts or "JAX_COORDINATOR_ADDRESS" in os.environ or \
       "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
+
+
+def process_index() -> int:
+  return jax.process_index()

@@ -29,11 +29,16 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logs.quiet_libraries()
   distributed.initialize()
+  if distributed.process_index() > 0:
+    logging.set_verbosity(logging.WARNING)  # process 0 logs for everyone
   from bltjax import train  # after jax.distributed.initialize, before any other JAX use
   workdir = _WORKDIR.value or os.path.join(
       "workdir", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
   logging.info("workdir: %s", os.path.abspath(workdir))
-  train.run(_CONFIG.value, workdir)
+  try:
+    train.run(_CONFIG.value, workdir)
+  except train.Preempted as e:
+    logging.warning("%s; re-run the same command to resume", e)
 
 
 if __name__ == "__main__":

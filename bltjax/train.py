@@ -15,13 +15,18 @@ import time
 import jax
 import numpy as np
 
-from bltjax import checkpoint, configs, metrics, optim, sharding, step as step_lib
+from bltjax import checkpoint, configs, flops, metrics, optim, preemption, sharding
+from bltjax import step as step_lib
 from bltjax import train_state as ts
 from bltjax.data import pipeline
 from bltjax.data.patcher import EntropySpec, PatchBatch, calibrate_threshold
 from bltjax.data.prefetch import ThreadPrefetcher
 
 ENTROPY_STAGE_DIR = "entropy_model"
+
+
+class Preempted(Exception):
+  """Training stopped on a preemption notice after checkpointing; re-running resumes."""
 
 
 def run(config, workdir: str, *, stop_at_step: int | None = None):
@@ -140,23 +145,31 @@ def train_stage(config, workdir: str, *, entropy_checkpoint: str | None = None,
                ts.param_count(state.params) / 1e6, dict(mesh.shape))
 
   loss_fn = step_lib.make_loss_fn(config, model)
+  # Both steps are compiled ahead of time inside the mesh context (where the logical sharding
+  # constraints apply); the loop then runs outside it, so that host-side work such as patching
+  # in the input pipeline stays on this process's own devices.
   with sharding.mesh_context(mesh):
+    t0 = time.perf_counter()
     train_fn = jax.jit(
         functools.partial(step_lib.train_step, loss_fn=loss_fn, optimizer=optimizer,
                           lr_fn=optim.lr_schedule(config.optim, t.steps),
                           microbatches=t.microbatches),
         in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
-        donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(step_lib.eval_step, loss_fn=loss_fn),
-                      in_shardings=(state_sh.params, batch_sh),
-                      out_shardings=sharding.replicated(mesh))
-    t0 = time.perf_counter()
-    train_fn = train_fn.lower(abstract, ts.batch_spec(config, t.batch_size)).compile()
+        donate_argnums=0).lower(abstract, ts.batch_spec(config, t.batch_size)).compile()
     logging.info("Compiled the train step in %.1fs", time.perf_counter() - t0)
-    evaluator = Evaluator(config, eval_fn, patch, local_batch, batch_sh)
-    loop = _Loop(config, workdir, ckpt, meta, state, train_it, train_fn, evaluator, batch_sh)
-    end = t.steps if stop_at_step is None else min(stop_at_step, t.steps)
-    return loop.run(start, end)
+    eval_fn = None
+    if t.eval_batches:
+      eval_fn = jax.jit(functools.partial(step_lib.eval_step, loss_fn=loss_fn),
+                        in_shardings=(state_sh.params, batch_sh),
+                        out_shardings=sharding.replicated(mesh)).lower(
+                            abstract.params, ts.batch_spec(config, t.batch_size)).compile()
+  evaluator = Evaluator(config, eval_fn, patch, local_batch, batch_sh)
+  loop = _Loop(config, workdir, ckpt, meta, state, train_it, train_fn, evaluator, batch_sh)
+  end = t.steps if stop_at_step is None else min(stop_at_step, t.steps)
+  state = loop.run(start, end)
+  if loop.preempted:
+    raise Preempted(f"{workdir}: preempted at step {int(state.step)} (checkpoint saved)")
+  return state
 
 
 class Evaluator:
@@ -200,10 +213,13 @@ class _Loop:
     self.state, self.train_it, self.train_fn = state, train_it, train_fn
     self.evaluator, self.batch_sh = evaluator, batch_sh
     desc = "entropy model" if config.model_type == "entropy_model" else "BLT"
+    self.model_cfg = configs.model_config(config)
+    self.peak = flops.device_peak_flops(jax.devices()[0], self.model_cfg.runtime.dtype)
     self.writer = metrics.MetricWriter(workdir)
     self.progress = metrics.Progress(config.train.steps, 0, desc)
     self.window = self._new_window()
     self.t_done = time.perf_counter()
+    self.preemption, self.preempted = preemption.PreemptionGuard(), False
 
   @staticmethod
   def _new_window():
@@ -226,6 +242,12 @@ class _Loop:
           pending = None
         if done % t.log_every == 0 or done == end:
           pending, self.window = (done, step_metrics, self.window), self._new_window()
+        if self.preemption.should_stop(done):
+          logging.warning("preempted: checkpointing step %d and stopping", done)
+          self._save(done)
+          self.ckpt.wait()
+          self.preempted = True
+          break
         if done % t.checkpoint_every == 0 or done == end:
           self._save(done)
         if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
@@ -236,6 +258,7 @@ class _Loop:
       if pending is not None:
         self._log(*pending)
     finally:
+      self.preemption.close()
       self.train_it.close()
       self.ckpt.close()
       self.writer.close()
@@ -264,6 +287,18 @@ class _Loop:
     self.window["data"] += time.perf_counter() - t0
     return pipeline.global_batch(local, self.batch_sh), stats
 
+  def _throughput(self, values) -> dict:
+    """FLOPs per byte (bltjax.flops, with this window's mean patch size), per-device FLOP/s
+    and bytes/s, and MFU against the device's peak."""
+    n = self.config.data.seq_len
+    if self.config.model_type == "blt":
+      fpb = flops.blt_flops_per_byte(self.model_cfg, n, values["bytes_per_patch"])["total"]
+    else:
+      fpb = flops.lm_flops_per_byte(self.model_cfg, n)
+    per_device = values["bytes_per_sec"] / jax.device_count()
+    return dict(flops_per_byte=fpb, bytes_per_sec_per_device=per_device,
+                flops_per_sec_per_device=fpb * per_device, mfu=fpb * per_device / self.peak)
+
   def _log(self, step, device_metrics, window):
     values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
     now = time.perf_counter()  # `step` has completed: its metrics are on the host.
@@ -275,6 +310,7 @@ class _Loop:
     for key in stats[0] if stats else ():
       vals = [x[key] for x in stats]
       values[key] = float(np.mean(vals)) if key == "bytes_per_patch" else float(np.sum(vals))
+    values |= self._throughput(values)
     self.writer.write(step, values)
     self.progress.update(step, values)
 

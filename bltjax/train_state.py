@@ -73,8 +73,9 @@ def make_init_fn(config, model, optimizer: optax.GradientTransformation):
 def abstract_state(config, model, optimizer, mesh):
   """(abstract unboxed state with shardings attached, state shardings)."""
   init = make_init_fn(config, model, optimizer)
+  rng = jax.eval_shape(lambda: jax.random.key(0))  # abstract: the mesh may be a remote topology
   with sharding.mesh_context(mesh):
-    boxed = jax.eval_shape(init, jax.random.key(0))
+    boxed = jax.eval_shape(init, rng)
     shardings = sharding.logical_to_shardings(boxed, mesh)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           sharding.unbox(boxed), shardings)

@@ -57,6 +57,7 @@ def get_config(arg=None):
       text_field="text",
       seq_len=16384,            # bytes per row
       eval_fraction=0.001,
+      shards=0,                 # data shards (0: one per process)
       num_workers=16,           # grain workers per host (they run the entropy model)
       worker_buffer=2,
       prefetch=2,

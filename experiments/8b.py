@@ -62,6 +62,7 @@ def get_config(arg=None):
       text_field="text",
       seq_len=16384,            # bytes per row
       eval_fraction=0.001,
+      shards=0,                 # data shards (0: one per process)
       num_workers=16,           # grain workers per host (they run the entropy model)
       worker_buffer=2,
       prefetch=2,
@@ -72,7 +73,7 @@ def get_config(arg=None):
   c.train = dict(
       steps=100_000,
       batch_size=1024,          # 1024 x 16k bytes = 16.8M bytes per step (paper: ~16M)
-      microbatches=1,
+      microbatches=8,           # gradient accumulation: 1 row of 16k bytes per device per pass
       log_every=50,
       eval_every=2_000,
       eval_batches=16,

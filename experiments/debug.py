@@ -77,6 +77,8 @@ def get_config(arg=None):
       text_field="text",      # JSON field / Parquet column with the document text
       seq_len=384,            # N bytes per row (+1 for the targets)
       eval_fraction=0.02,     # documents held out (by hashed path) for evaluation
+      shards=0,               # data shards (0: one per process); fixing it makes the batches
+                              # independent of the number of processes
       num_workers=1,          # grain worker processes (patching runs there); 0 = in-process
       worker_buffer=16,       # batches buffered per worker (deep: on a 2-core machine the worker
                               # mostly runs in bursts, between train steps)

@@ -39,6 +39,7 @@ def get_config(arg=None):
       text_field="text",       # JSON field / Parquet column
       seq_len=8192,            # bytes per row (reference: seq_len = max_encoder_seq_length = 8192)
       eval_fraction=0.001,     # held-out documents
+      shards=0,                # data shards (0: one per process)
       num_workers=8,           # grain worker processes per host
       worker_buffer=2,         # batches buffered per worker
       prefetch=2,              # global batches kept ready

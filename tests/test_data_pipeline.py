@@ -24,7 +24,7 @@ def corpus(tmp_path):
 def data_cfg(corpus, seq_len=64, **kw):
   return ml_collections.ConfigDict(dict(
       source="text", paths=(str(corpus / "*.txt"),), text_field="text", seq_len=seq_len,
-      eval_fraction=0.0, num_workers=0, worker_buffer=2, prefetch=2, read_threads=1,
+      eval_fraction=0.0, shards=0, num_workers=0, worker_buffer=2, prefetch=2, read_threads=1,
       read_buffer=4, host_hash_ids=False, preprocessed_dir=None) | kw)
 
 

@@ -200,3 +200,27 @@ def test_sigkill_then_rerun_continues_with_the_same_losses(tmp_path):
   assert checkpoint.Checkpointer(killed).latest_step() < 12
   subprocess.run(cmd, check=True, env=env, cwd=str(tmp_path))
   assert losses(killed) == losses(ref)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_exits_zero_and_resumes(tmp_path):
+  """Preemption: SIGTERM -> checkpoint at the next step boundary, exit 0; the rerun continues
+  with the losses of an uninterrupted run."""
+  import signal
+  import time
+  ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
+  cmd, env = _main(ref)
+  subprocess.run(cmd, check=True, env=env, cwd=str(tmp_path))
+  cmd, env = _main(run)
+  proc = subprocess.Popen(cmd, env=env, cwd=str(tmp_path), stderr=subprocess.PIPE)
+  first = os.path.join(run, "checkpoints", "3")
+  deadline = time.time() + 300
+  while not os.path.exists(first) and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err.decode()[-2000:]
+  stopped = checkpoint.Checkpointer(run).latest_step()
+  assert 3 <= stopped < 12 and b"preempted" in err
+  subprocess.run(cmd, check=True, env=env, cwd=str(tmp_path))
+  assert losses(run) == losses(ref)

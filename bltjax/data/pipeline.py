@@ -9,6 +9,7 @@ Everything here is host numpy; `global_batch` turns a local batch into sharded g
 Iterators are grain `DatasetIterator`s whose state goes into the Orbax checkpoint.
 """
 
+import functools
 import glob
 import io
 import json
@@ -56,10 +57,17 @@ class WindowToExample(grain.transforms.Map):
                 mask=(seg[1:] > 0).astype(np.float32), doc_flag_counts=counts)
 
 
+@functools.lru_cache(maxsize=8)
+def _indexed_source(kind, paths, text_field, eval_fraction):
+  """Sources are indexed (and their exclusions logged) once per process."""
+  source = sources.build_source(kind, paths, text_field)
+  return source, sources.split_indices(source, eval_fraction)
+
+
 def document_split(data_cfg, split: str):
   """The documents of `split` ('train' or 'eval') as a random-access source."""
-  source = sources.build_source(data_cfg.source, tuple(data_cfg.paths or ()), data_cfg.text_field)
-  train_idx, eval_idx = sources.split_indices(source, data_cfg.eval_fraction)
+  source, (train_idx, eval_idx) = _indexed_source(
+      data_cfg.source, tuple(data_cfg.paths or ()), data_cfg.text_field, data_cfg.eval_fraction)
   idx = train_idx if split == "train" else eval_idx
   logging.info("data: %s split of %r: %d of %d documents", split, source, len(idx), len(source))
   if not len(idx):
@@ -94,6 +102,37 @@ def packed_windows(data_cfg, split: str, *, seed: int, process_index: int, proce
   return it.map(WindowToExample())
 
 
+class _ConcatBatchesIterator(grain.DatasetIterator):
+  def __next__(self):
+    batches = [next(p) for p in self._parents]
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+  def get_state(self):
+    return {"shards": [p.get_state() for p in self._parents]}
+
+  def set_state(self, state):
+    for p, s in zip(self._parents, state["shards"]):
+      p.set_state(s)
+
+
+class ConcatBatches(grain.IterDataset):
+  """Row-wise concatenation of the next batch of every parent (one parent per data shard)."""
+
+  def __iter__(self):
+    return _ConcatBatchesIterator([iter(p) for p in self._parents])
+
+
+def data_shards(data_cfg, process_index: int, process_count: int) -> list[int]:
+  """The data shards this process reads. `data.shards` (0 = one per process) fixes the data
+  layout independently of the number of processes: a global batch is the shards' batches in
+  shard order, so 1 process reading shards 0..S-1 sees the same batches as S processes."""
+  shards = data_cfg.shards or process_count
+  if shards % process_count:
+    raise ValueError(f"data.shards={shards} is not a multiple of the {process_count} processes")
+  per = shards // process_count
+  return list(range(process_index * per, (process_index + 1) * per))
+
+
 def make_dataset(config, split: str, *, local_batch_size: int, patch: PatchBatch | None,
                  process_index: int | None = None, process_count: int | None = None,
                  num_workers: int | None = None, num_epochs: int | None = None):
@@ -106,10 +145,16 @@ def make_dataset(config, split: str, *, local_batch_size: int, patch: PatchBatch
                            process_count=process_count)
     it = it.batch(local_batch_size, drop_remainder=True)
   else:
-    it = packed_windows(d, split, seed=config.seed, process_index=process_index,
-                        process_count=process_count, shuffle=split == "train",
-                        num_epochs=num_epochs)
-    it = it.batch(local_batch_size, drop_remainder=num_epochs is None)
+    shards = data_shards(d, process_index, process_count)
+    if local_batch_size % len(shards):
+      raise ValueError(f"the local batch of {local_batch_size} rows does not split over "
+                       f"this process's {len(shards)} data shards")
+    total = d.shards or process_count
+    parts = [packed_windows(d, split, seed=config.seed, process_index=s, process_count=total,
+                            shuffle=split == "train", num_epochs=num_epochs)
+             .batch(local_batch_size // len(shards), drop_remainder=num_epochs is None)
+             for s in shards]
+    it = parts[0] if len(parts) == 1 else ConcatBatches(parts)
     if patch is not None:
       it = it.map(patch)
   workers = d.num_workers if num_workers is None else num_workers

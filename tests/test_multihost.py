@@ -1,0 +1,51 @@
+"""Two processes on this machine (CPU devices, localhost coordinator) train like one process with
+the same global batch and mesh."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import portpicker
+import pytest
+
+from bltjax import metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEBUG = os.path.join(REPO, "experiments", "debug.py")
+
+
+def _cmd(workdir, *extra):
+  return [sys.executable, "-m", "bltjax.main", f"--config={DEBUG}:tiny", f"--workdir={workdir}",
+          "--config.data.shards=2", "--config.train.steps=4", "--config.train.log_every=1",
+          "--config.entropy_model.train.steps=2", *extra]
+
+
+def _env(devices):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return env
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+  one = str(tmp_path / "one")
+  subprocess.run(_cmd(one), check=True, env=_env(4), cwd=str(tmp_path))
+  two = str(tmp_path / "two")
+  port = portpicker.pick_unused_port()
+  procs = [subprocess.Popen(_cmd(two, f"--coordinator_address=localhost:{port}",
+                                 "--num_processes=2", f"--process_id={i}"),
+                            env=_env(2), cwd=str(tmp_path), stderr=subprocess.PIPE)
+           for i in range(2)]
+  errs = [p.communicate(timeout=600)[1].decode() for p in procs]
+  for p, err in zip(procs, errs):
+    assert p.returncode == 0, err[-3000:]
+  want = {r["step"]: r["loss"] for r in metrics.read_metrics(one) if "loss" in r}
+  got = {r["step"]: r["loss"] for r in metrics.read_metrics(two) if "loss" in r}
+  assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+  np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
+                             rtol=1e-5)
+  # Only process 0 writes the metrics and config; both processes checkpoint their data state.
+  assert len(metrics.read_metrics(two)) == len(metrics.read_metrics(one))
+  data = os.path.join(two, "checkpoints", "4", "data")
+  assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(data))
