@@ -279,13 +279,73 @@ def bench_generate():
         f"{(patches > 0).sum()} patches over {results[False][1].shape[1]} bytes")
 
 
+_CONFIG = flags.DEFINE_string("config", "experiments/8b.py", "pipeline: experiment config")
+_ROW_BYTES = flags.DEFINE_integer("row_bytes", 2048, "pipeline: bytes per measured row (the cost "
+                                  "per byte does not depend on it beyond the 512-byte window)")
+
+
+def _pipeline_worker():
+  """Child process pinned to one core: entropy patching bytes/s (the grain worker's job)."""
+  import os
+  os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+  from bltjax import configs
+  from bltjax.model.config import EntropyModelConfig
+  from bltjax.model.entropy_model import EntropyModel
+  c = configs.load(_CONFIG.value)
+  ecfg = EntropyModelConfig.from_dict(dict(c.entropy_model.model.to_dict(),
+                                           runtime=dict(dtype="float32", param_dtype="float32",
+                                                        remat_policy="none")))
+  tokens, _, _ = real_batch(2, _ROW_BYTES.value)
+  unbox = lambda t: jax.tree.map(lambda x: x.unbox(), t, is_leaf=lambda x: hasattr(x, "unbox"))  # noqa
+  params = unbox(jax.jit(EntropyModel(ecfg).init)(jax.random.key(0), tokens)["params"])
+  pc = PatchingConfig("entropy", 1.335442066192627, None, False, None, None)
+  max_patches = max(2, _ROW_BYTES.value // 3)
+  model = EntropyModel(ecfg)
+  from bltjax.model.entropy_model import entropies_from_logits
+  from bltjax.data.patcher import start_mask
+  from bltjax import patching as patching_lib
+  fn = jax.jit(lambda t: patching_lib.lengths_from_start_mask_fixed(
+      start_mask(t, entropies_from_logits(model.apply({"params": params}, t)), pc),
+      max_patches))
+  jax.block_until_ready(fn(tokens))
+  seconds = _median_time(lambda: jax.block_until_ready(fn(tokens)), 3)
+  print(f"@{tokens.size / seconds}", flush=True)
+
+
+def bench_pipeline():
+  import subprocess
+  import sys
+  from bltjax import configs, flops as flops_lib
+  c = configs.load(_CONFIG.value)
+  out = subprocess.run([sys.executable, "-m", "bltjax.bench", "_pipeline",
+                        f"--config={_CONFIG.value}", f"--row_bytes={_ROW_BYTES.value}"],
+                       check=True, capture_output=True, text=True).stdout
+  per_core = float([line for line in out.splitlines() if line.startswith("@")][0][1:])
+  cfg = configs.model_config(c)
+  fpb = flops_lib.blt_flops_per_byte(cfg, c.data.seq_len, 4.5)["total"]
+  ent = configs.model_config(configs.entropy_stage_config(c))
+  print(f"entropy patching on the host ({ent.transformer.n_layers} layers x "
+        f"{ent.transformer.dim}, window {ent.transformer.attn_window}, fp32, one CPU core): "
+        f"{per_core:,.0f} bytes/s per core")
+  for chip, chips_per_host in (("tpu v5p", 4), ("tpu v5e", 8), ("tpu v6e", 8),
+                               ("nvidia h100", 8)):
+    per_chip = 0.4 * flops_lib.PEAK_FLOPS[chip] / fpb
+    per_host = per_chip * chips_per_host
+    print(f"  {chip:12s} at 40% MFU the step consumes {per_chip:,.0f} bytes/s per chip, "
+          f"{per_host:,.0f} per host ({chips_per_host} chips): online patching needs "
+          f"{per_host / per_core:,.0f} host cores")
+  print("If that exceeds the host's cores, patch once offline (python -m bltjax.preprocess) and "
+        "train with --config.data.preprocessed_dir.")
+
+
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: python -m bltjax.bench {{{','.join(COMMANDS)}}} [--flags]")
   COMMANDS[argv[1]]()
 
 
-COMMANDS = {"train": bench_train, "generate": bench_generate, "_port": port_worker}
+COMMANDS = {"train": bench_train, "generate": bench_generate, "pipeline": bench_pipeline,
+            "_port": port_worker, "_pipeline": _pipeline_worker}
 
 if __name__ == "__main__":
   app.run(main)

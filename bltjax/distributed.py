@@ -17,12 +17,19 @@ _CLUSTER_ENV = ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_A
 
 
 def initialize():
-  """Explicit flags win; otherwise let JAX detect TPU pods / SLURM; single process otherwise."""
+  """Explicit flags win; otherwise let JAX detect a SLURM job or a TPU VM (pod slices find
+  their other hosts through the TPU metadata); a plain machine runs as one process."""
   if _COORDINATOR.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   elif any(os.environ.get(k) for k in _CLUSTER_ENV) and _multi_process_env():
     jax.distributed.initialize()
+  elif os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0"):  # a TPU VM
+    try:
+      jax.distributed.initialize()
+    except ValueError as e:  # a single-host TPU VM has nothing to join
+      logging.info("jax.distributed not initialised (%s): single process", e)
+      return
   else:
     return
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices",

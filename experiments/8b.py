@@ -82,7 +82,7 @@ def get_config(arg=None):
   c.optim = dict(lr=4e-4, warmup_steps=2000, lr_min_ratio=0.0,  # paper: cosine to 0
                  b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
                  clip_norm=1.0)                                   # paper
-  c.mesh = dict(shape=(1, -1, 1))  # FSDP over every device
+  c.mesh = dict(shape=(1, -1, 1))  # FSDP over every device (e.g. a v5p-256 slice: 128 chips)
   c.entropy_model = configs.load(os.path.join(os.path.dirname(__file__), "entropy_model.py"))
   if arg == "tiny":
     return configs.tiny(c)

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import numpy as np
-import portpicker
 import pytest
 
 from bltjax import metrics
@@ -29,23 +28,19 @@ def _env(devices):
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
+  """launch/local_multiprocess.sh (2 processes x 2 devices) vs one process with 4 devices."""
   one = str(tmp_path / "one")
   subprocess.run(_cmd(one), check=True, env=_env(4), cwd=str(tmp_path))
   two = str(tmp_path / "two")
-  port = portpicker.pick_unused_port()
-  procs = [subprocess.Popen(_cmd(two, f"--coordinator_address=localhost:{port}",
-                                 "--num_processes=2", f"--process_id={i}"),
-                            env=_env(2), cwd=str(tmp_path), stderr=subprocess.PIPE)
-           for i in range(2)]
-  errs = [p.communicate(timeout=600)[1].decode() for p in procs]
-  for p, err in zip(procs, errs):
-    assert p.returncode == 0, err[-3000:]
+  env = dict(os.environ, NUM_PROCESSES="2", DEVICES_PER_PROCESS="2")
+  subprocess.run(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh")] + _cmd(two)[3:],
+                 check=True, env=env, cwd=str(tmp_path))
   want = {r["step"]: r["loss"] for r in metrics.read_metrics(one) if "loss" in r}
   got = {r["step"]: r["loss"] for r in metrics.read_metrics(two) if "loss" in r}
   assert sorted(got) == sorted(want) == [1, 2, 3, 4]
   np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
                              rtol=1e-5)
-  # Only process 0 writes the metrics and config; both processes checkpoint their data state.
+  # Only process 0 writes the metrics; both processes checkpoint their own data state.
   assert len(metrics.read_metrics(two)) == len(metrics.read_metrics(one))
   data = os.path.join(two, "checkpoints", "4", "data")
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(data))
