@@ -50,10 +50,13 @@ if __name__ == "__main__":
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "v5p-256, v5e-256, v4-128, v6e-64, h100x64, ...")
-_MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the time estimate.")
-_PATCH = flags.DEFINE_float("bytes_per_patch", 4.5, "Mean patch size assumed for FLOPs.")
+
+
+def _define_flags():  # only when run as a program: importing this module defines no flags
+  config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
+  flags.DEFINE_string("topology", None, "v5p-256, v5e-256, v4-128, v6e-64, h100x64, ...")
+  flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the time estimate.")
+  flags.DEFINE_float("bytes_per_patch", 4.5, "Mean patch size assumed for FLOPs.")
 
 
 def topology_devices(topology: str):
@@ -195,13 +198,15 @@ def main(argv):
   del argv
   from bltjax import logs
   logs.quiet_libraries()
-  r = compile_report(_CONFIG.value, _TOPOLOGY.value, _MFU.value, _PATCH.value)
-  print_report(r, _MFU.value)
+  f = flags.FLAGS
+  r = compile_report(f.config, f.topology, f.mfu, f.bytes_per_patch)
+  print_report(r, f.mfu)
   if r["error"] or r["total"] > r["hbm"]:
     sys.exit(1)
   logging.info("done")
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flags_as_required(["config", "topology"])
   app.run(main)

@@ -22,13 +22,15 @@ xla_flags.set_defaults()
 from bltjax import checkpoint, configs, logs  # noqa: E402
 from bltjax.data import pipeline  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "BLT experiment config.",
-                                          lock_config=True)
-_OUT = flags.DEFINE_string("out", None, "Output directory.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir whose stage-1 entropy model is used "
-                               "when patching.entropy_model_checkpoint is unset.")
-_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Number of training processes (each reads "
-                                  "its own stream).")
+
+
+def _define_flags():  # only when run as a program: importing this module defines no flags
+  config_flags.DEFINE_config_file("config", None, "BLT experiment config.", lock_config=True)
+  flags.DEFINE_string("out", None, "Output directory.")
+  flags.DEFINE_string("workdir", None, "Workdir whose stage-1 entropy model is used when "
+                      "patching.entropy_model_checkpoint is unset.")
+  flags.DEFINE_integer("num_processes", 1, "Number of training processes (each reads its own "
+                       "stream).")
 
 
 def preprocess(config, out: str, *, workdir: str | None = None, num_processes: int = 1) -> dict:
@@ -69,13 +71,14 @@ def preprocess(config, out: str, *, workdir: str | None = None, num_processes: i
 def main(argv):
   del argv
   logs.quiet_libraries()
-  if not _OUT.value:
+  f = flags.FLAGS
+  if not f.out:
     raise app.UsageError("--out is required")
-  meta = preprocess(_CONFIG.value, _OUT.value, workdir=_WORKDIR.value,
-                    num_processes=_PROCESSES.value)
-  logging.info("preprocess: wrote %s (%s)", _OUT.value, meta["rows"])
+  meta = preprocess(f.config, f.out, workdir=f.workdir, num_processes=f.num_processes)
+  logging.info("preprocess: wrote %s (%s)", f.out, meta["rows"])
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flag_as_required("config")
   app.run(main)

@@ -21,6 +21,8 @@ from bltjax import train_state as ts
 from bltjax.data import pipeline
 from bltjax.data.patcher import EntropySpec, PatchBatch, calibrate_threshold
 from bltjax.data.prefetch import ThreadPrefetcher
+from bltjax.model.config import EntropyModelConfig
+from bltjax.model.entropy_model import EntropyModel, entropies_from_logits
 
 ENTROPY_STAGE_DIR = "entropy_model"
 
@@ -73,7 +75,8 @@ def prepare_patching(config, entropy_checkpoint, resumed_meta: dict | None):
                        f"{meta['entropy_model']}")
     if threshold is None:
       threshold = (resumed_meta or {}).get("patching_threshold") or _calibrate(
-          config, entropy, p.target_patch_size)
+          config, EntropyModel(EntropyModelConfig.from_dict(entropy.model)), params,
+          p.target_patch_size)
     meta["patching_threshold"] = threshold
   hash_cfg = None
   if config.data.host_hash_ids:
@@ -84,11 +87,8 @@ def prepare_patching(config, entropy_checkpoint, resumed_meta: dict | None):
   return PatchBatch(pc, p.max_patches, entropy, hash_cfg), meta
 
 
-def _calibrate(config, entropy: EntropySpec, target: float) -> float:
+def _calibrate(config, model, params, target: float) -> float:
   """Threshold for `target` bytes per patch, from the entropy model on held-out windows."""
-  from bltjax.data.patcher import load_entropy_model
-  from bltjax.model.entropy_model import entropies_from_logits
-  model, params = load_entropy_model(entropy)
   split = "eval" if config.data.eval_fraction > 0 else "train"
   it = iter(pipeline.packed_windows(config.data, split, seed=config.seed, process_index=0,
                                     process_count=1, shuffle=False))
