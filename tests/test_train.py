@@ -180,47 +180,50 @@ def _main(workdir, *extra):
           "--config.train.steps=12", "--config.train.checkpoint_every=3", *extra], env
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_losses(tmp_path_factory):
+  """The 12-step tiny quickstart run, start to end without interruption."""
+  ref = str(tmp_path_factory.mktemp("uninterrupted") / "ref")
+  cmd, env = _main(ref)
+  subprocess.run(cmd, check=True, env=env, cwd=os.path.dirname(ref))
+  return losses(ref)
+
+
+def _signal_after(workdir, step, sig, **popen_kw):
+  """Starts the run and sends `sig` once its checkpoint of `step` exists; returns the process."""
+  import time
+  cmd, env = _main(workdir)
+  proc = subprocess.Popen(cmd, env=env, cwd=os.path.dirname(workdir), **popen_kw)
+  target = os.path.join(workdir, "checkpoints", str(step))
+  deadline = time.time() + 300
+  while not os.path.exists(target) and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.05)
+  assert os.path.exists(target), f"the run ended before its step-{step} checkpoint"
+  proc.send_signal(sig)
+  return proc, cmd, env
+
+
 @pytest.mark.slow
-def test_sigkill_then_rerun_continues_with_the_same_losses(tmp_path):
+def test_sigkill_then_rerun_continues_with_the_same_losses(tmp_path, uninterrupted_losses):
   """Kill -9 during the BLT stage; the same command resumes and matches an uninterrupted run."""
   import signal
-  import time
-  ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
-  cmd, env = _main(ref)
-  subprocess.run(cmd, check=True, env=env, cwd=str(tmp_path))
-  cmd, env = _main(killed)
-  proc = subprocess.Popen(cmd, env=env, cwd=str(tmp_path), stderr=subprocess.DEVNULL)
-  ckpt6 = os.path.join(killed, "checkpoints", "6")
-  deadline = time.time() + 300
-  while not os.path.exists(ckpt6) and time.time() < deadline and proc.poll() is None:
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
+  killed = str(tmp_path / "killed")
+  proc, cmd, env = _signal_after(killed, 6, signal.SIGKILL, stderr=subprocess.DEVNULL)
   proc.wait()
-  assert os.path.exists(ckpt6), "the run ended before its step-6 checkpoint"
   assert checkpoint.Checkpointer(killed).latest_step() < 12
   subprocess.run(cmd, check=True, env=env, cwd=str(tmp_path))
-  assert losses(killed) == losses(ref)
+  assert losses(killed) == uninterrupted_losses
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_exits_zero_and_resumes(tmp_path):
+def test_sigterm_checkpoints_exits_zero_and_resumes(tmp_path, uninterrupted_losses):
   """Preemption: SIGTERM -> checkpoint at the next step boundary, exit 0; the rerun continues
   with the losses of an uninterrupted run."""
   import signal
-  import time
-  ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
-  cmd, env = _main(ref)
-  subprocess.run(cmd, check=True, env=env, cwd=str(tmp_path))
-  cmd, env = _main(run)
-  proc = subprocess.Popen(cmd, env=env, cwd=str(tmp_path), stderr=subprocess.PIPE)
-  first = os.path.join(run, "checkpoints", "3")
-  deadline = time.time() + 300
-  while not os.path.exists(first) and time.time() < deadline and proc.poll() is None:
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
+  run = str(tmp_path / "run")
+  proc, cmd, env = _signal_after(run, 3, signal.SIGTERM, stderr=subprocess.PIPE)
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err.decode()[-2000:]
-  stopped = checkpoint.Checkpointer(run).latest_step()
-  assert 3 <= stopped < 12 and b"preempted" in err
+  assert 3 <= checkpoint.Checkpointer(run).latest_step() < 12 and b"preempted" in err
   subprocess.run(cmd, check=True, env=env, cwd=str(tmp_path))
-  assert losses(run) == losses(ref)
+  assert losses(run) == uninterrupted_losses

@@ -2,10 +2,10 @@
 
 Each row holds N input bytes that may span several documents. Patches follow the configured mode
 (entropy from the frozen entropy model, space, static or byte) over N + 1 positions (the last one
-is the next byte, the reference's convention), with two additions that make a packed row patch
-like the reference patches each document on its own: BOS and EOS each end a patch (so a
-document's BOS is a patch of its own and its first byte starts one). Rows get exactly `max_patches` patches; surplus patches are merged into
-the last one and counted (`patch_overflow`).
+is the next byte, the reference's convention), plus one rule that makes a packed row patch like
+the reference patches each document on its own: BOS and EOS each end a patch (so a document's BOS
+is a patch of its own and its first byte starts one). Rows get exactly `max_patches` patches;
+surplus patches are merged into the last one and counted (`patch_overflow`).
 """
 
 import dataclasses
