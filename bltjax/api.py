@@ -35,7 +35,7 @@ def param_shapes(module: nn.Module, *example_args) -> dict:
 
 def _with_runtime(model: dict, dtype: str) -> dict:
   """Inference runtime: the requested compute dtype, fp32 params, no rematerialisation."""
-  return dict(model, runtime=dict(dtype=dtype, param_dtype="float32", remat_policy="none"))
+  return dict(model, runtime=RuntimeConfig.for_inference(dtype).to_dict())
 
 
 def _as_tokens(tokens) -> np.ndarray:
@@ -66,7 +66,7 @@ class BLT:
   @classmethod
   def from_hf(cls, path: str, *, dtype: str = "float32") -> "BLT":
     """Loads a `transformers` BLT checkpoint directory, its entropy model ("patcher") included."""
-    runtime = RuntimeConfig(dtype=dtype, param_dtype="float32", remat_policy="none")
+    runtime = RuntimeConfig.for_inference(dtype)
     model_cfg, entropy_cfg, patching_cfg = hf.configs_from_hf(hf.read_config(path), runtime)
     reader = hf.SafetensorsReader(path)
     maps = [hf.blt_key_map(model_cfg)]

@@ -11,12 +11,15 @@ between measurements interleaved in the same run.
 """
 
 import functools
+import os
 import time
 
 from absl import app, flags
 
 from bltjax import xla_flags
 
+if __name__ == "__main__":
+  xla_flags.reexec_with_malloc_tuning()  # glibc malloc settings; see bltjax/xla_flags.py
 xla_flags.set_defaults()
 
 import jax  # noqa: E402
@@ -42,7 +45,11 @@ _PORT_DTYPE = flags.DEFINE_string("port_dtype", "float32", "internal: the port w
 
 def bench_config(dtype: str) -> BLTConfig:
   """BLT-1B's layout (1 encoder layer, 9 decoder layers with cross-attention, k=2, six hash
-  n-gram tables, 512-byte windows) at a quarter of its width: 64M parameters."""
+  n-gram tables, 512-byte windows) at a quarter of its width: 64M parameters.
+
+  Runtime as one would run it on a CPU: no rematerialisation (memory is plentiful), 128-query
+  attention blocks, layer loops unrolled (XLA:CPU then schedules across layers and needs no
+  per-layer copies of saved activations)."""
   def t(dim, layers, window):
     return TransformerConfig(dim=dim, n_layers=layers, n_heads=dim // 64, n_kv_heads=dim // 64,
                              ffn_dim=swiglu_hidden_dim(dim), rope_theta=500000.0, norm_eps=1e-5,
@@ -51,8 +58,8 @@ def bench_config(dtype: str) -> BLTConfig:
                    cross_attn_k=2, cross_attn_nheads=4, cross_attn_all_layers_encoder=False,
                    cross_attn_all_layers_decoder=True, hash_group_sizes=(3, 4, 5, 6, 7, 8),
                    hash_vocab=16381, hash_functions=1,
-                   runtime=RuntimeConfig(dtype=dtype, param_dtype="float32",
-                                         remat_policy="dots_with_no_batch_dims_saveable"))
+                   runtime=RuntimeConfig(dtype=dtype, param_dtype="float32", remat_policy="none",
+                                         attn_chunk=128, scan_unroll=16))
 
 
 def real_batch(batch: int, seq_len: int):
@@ -177,7 +184,8 @@ def bench_train():
   print(f"config: BLT-1B layout at 1/4 width, {ours.params / 1e6:.1f}M parameters "
         f"(port: {ports['float32'].params / 1e6:.1f}M); batch {b} x {n} bytes, "
         f"{lengths.shape[1]} patches/row (space patching of stdlib source); "
-        f"{_THREADS.value} threads; bltjax compute {_DTYPE.value}, fp32 params")
+        f"{_THREADS.value} threads; bltjax compute {_DTYPE.value}, fp32 params; glibc malloc "
+        f"{'tuned' if 'GLIBC_TUNABLES' in os.environ else 'default'} in both processes")
   rows = {"bltjax": [], "port float32": [], "port bf16 autocast": []}
   for _ in range(_ROUNDS.value):
     rows["port float32"].append(ports["float32"].time(steps))
@@ -216,7 +224,7 @@ def _debug_model():
   from bltjax.model.config import EntropyModelConfig
   from bltjax.model.entropy_model import EntropyModel
   cfg = configs.load(os.path.join(os.path.dirname(__file__), "..", "experiments", "debug.py"))
-  runtime = dict(dtype="float32", param_dtype="float32", remat_policy="none")
+  runtime = RuntimeConfig.for_inference("float32").to_dict()
   model = BLTConfig.from_dict(dict(cfg.model.to_dict(), runtime=runtime))
   ent = EntropyModelConfig.from_dict(dict(cfg.entropy_model.model.to_dict(), runtime=runtime))
   tokens, _, _ = real_batch(2, 256)
@@ -293,8 +301,8 @@ def _pipeline_worker():
   from bltjax.model.entropy_model import EntropyModel
   c = configs.load(_CONFIG.value)
   ecfg = EntropyModelConfig.from_dict(dict(c.entropy_model.model.to_dict(),
-                                           runtime=dict(dtype="float32", param_dtype="float32",
-                                                        remat_policy="none")))
+                                           runtime=RuntimeConfig.for_inference(
+                                               "float32").to_dict()))
   tokens, _, _ = real_batch(2, _ROW_BYTES.value)
   unbox = lambda t: jax.tree.map(lambda x: x.unbox(), t, is_leaf=lambda x: hasattr(x, "unbox"))  # noqa
   params = unbox(jax.jit(EntropyModel(ecfg).init)(jax.random.key(0), tokens)["params"])

@@ -8,6 +8,8 @@ import os
 
 from bltjax import xla_flags
 
+if __name__ == "__main__":
+  xla_flags.reexec_with_malloc_tuning()  # glibc malloc settings; see bltjax/xla_flags.py
 xla_flags.set_defaults()  # before JAX initialises a backend
 
 from absl import app, flags, logging  # noqa: E402

@@ -17,6 +17,8 @@ from ml_collections import config_flags
 
 from bltjax import xla_flags
 
+if __name__ == "__main__":
+  xla_flags.reexec_with_malloc_tuning()  # glibc malloc settings; see bltjax/xla_flags.py
 xla_flags.set_defaults()
 
 from bltjax import checkpoint, configs, logs  # noqa: E402

@@ -45,7 +45,9 @@ def get_config(arg=None):
       hash_vocab=500002,                    # rows per table
       hash_functions=1,
       runtime=dict(dtype="bfloat16", param_dtype="float32",
-                   remat_policy="dots_with_no_batch_dims_saveable"))
+                   remat_policy="dots_with_no_batch_dims_saveable",
+                   attn_chunk=128,  # local attention in 128-query blocks (divides the 512 window)
+                   scan_unroll=1))  # rolled layer loops: compile time independent of depth
   c.patching = dict(
       mode="entropy",
       threshold=1.335442066192627,  # the released global threshold (nats)

@@ -58,7 +58,9 @@ def get_config(arg=None):
       runtime=dict(
           dtype="float32",    # compute dtype; bf16 matmuls are slower than fp32 on these CPUs
           param_dtype="float32",
-          remat_policy="none"))  # no rematerialisation needed at this size
+          remat_policy="none",  # no rematerialisation needed at this size
+          attn_chunk=None,      # local attention in query chunks of the whole window
+          scan_unroll=1))       # layer loops stay rolled (compile time)
 
   c.patching = dict(
       mode="entropy",         # entropy | space | static | byte
@@ -121,7 +123,8 @@ def get_config(arg=None):
               rope_theta=10000.0,  # the released entropy model keeps the default 10000
               norm_eps=1e-5,
               attn_window=128),  # sliding window (512 in the released model)
-          runtime=dict(dtype="float32", param_dtype="float32", remat_policy="none")),
+          runtime=dict(dtype="float32", param_dtype="float32", remat_policy="none",
+                       attn_chunk=None, scan_unroll=1)),  # as for BLT above
       data=dict(seq_len=384, num_workers=0, worker_buffer=4, prefetch=2, read_threads=2,
                 read_buffer=64,
                 host_hash_ids=False, preprocessed_dir=placeholder(str)),

@@ -127,6 +127,19 @@ def test_sharded_step_equals_single_device():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), p1, p8)
 
 
+def test_runtime_settings_do_not_change_what_is_computed():
+  """Attention chunking, layer-loop unrolling and remat change how, not what: same step."""
+  cfg = tiny_blt()
+  batch = _random_batch(cfg, 8)
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  sgd = optax.sgd(1.0)
+  p1, m1 = _one_step(cfg, mesh, batch, microbatches=1, opt=sgd)
+  cfg.model.runtime.update(attn_chunk=8, scan_unroll=2, remat_policy="full")
+  p2, m2 = _one_step(cfg, mesh, batch, microbatches=1, opt=sgd)
+  np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), p1, p2)
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("mesh.shape", (3, 1, 1), "mesh.shape=.*8 available devices"),
     ("train.batch_size", 6, "train.batch_size=6 .* data-parallel size"),
@@ -135,6 +148,9 @@ def test_sharded_step_equals_single_device():
      "data.seq_len"),
     ("model.latent.n_heads", 5, "model.latent.dim=128 is not divisible by model.latent.n_heads"),
     ("data.source", "s3", "data.source='s3'"),
+    ("model.runtime.attn_chunk", 12, "model.runtime.attn_chunk=12 does not divide the attention "
+     "window 32"),
+    ("model.runtime.scan_unroll", 0, "model.runtime.scan_unroll must be >= 1"),
 ])
 def test_invalid_configs_name_the_field(field, value, message):
   cfg = tiny_blt()

@@ -4,8 +4,9 @@ Shapes: B batch, S/N sequence (bytes), P patches, H query heads, G = H / K query
 K KV heads (in `*_BxSxKxD` names K is the KV-head axis), D head dim, C chunk, k sub-queries.
 
 - `local_attention`: sliding-window causal self-attention with document (segment) masking, computed
-  blockwise: chunks of the window size attend to themselves and the previous chunk, so the cost is
-  O(N·w), never O(N^2).
+  blockwise: query chunks (of the window size, or a divisor of it) attend to themselves and the
+  chunks that cover the window before them, so the cost is O(N·w), never O(N^2).
+- `chunk_attention`: the softmax-attention kernel on those blocks, with a flash-style custom VJP.
 - `dense_attention`: masked attention with an explicit boolean mask (latent transformer, tests).
 - `patch_pooling_attention`: the encoder's cross-attention (patch sub-queries attend to the bytes of
   their own patch), as a segment softmax over bytes: O(N·k), no [P, N] mask.
@@ -120,14 +121,54 @@ def local_attention(q_BxNxHxD, k_BxNxKxD, v_BxNxKxD, segment_ids_BxN, *, window,
   s = (r + 1) * c
   mask = causal_segment_mask(q_pos.reshape(b * nc, c), k_pos.reshape(b * nc, s),
                              q_seg.reshape(b * nc, c), k_seg.reshape(b * nc, s), window)
-  mask = mask.reshape(b, 1, nc, 1, c, s)
-
-  scores = jnp.einsum("bkcqd,bkcsd->bkcqs", q, k, preferred_element_type=jnp.float32)
-  probs = _masked_softmax(scores.reshape(b, num_kv, nc, g, c, s), mask, rows_may_be_empty=False)
-  probs = probs.reshape(b, num_kv, nc, g * c, s).astype(v.dtype)
-  out = jnp.einsum("bkcqs,bkcsd->bkcqd", probs, v, preferred_element_type=jnp.float32)
+  # Every query head of a KV group shares the mask: [B, 1, nC, G*C, S].
+  mask = jnp.tile(mask.reshape(b, 1, nc, c, s), (1, 1, 1, g, 1))
+  out = chunk_attention(q, k, v, mask)  # [B, K, nC, G*C, D]
   out = out.reshape(b, num_kv, nc, g, c, d).transpose(0, 2, 4, 1, 3, 5).reshape(b, nc * c, h, d)
   return out[:, :n].astype(q_BxNxHxD.dtype)
+
+
+@jax.custom_vjp
+def chunk_attention(q_XxQxD, k_XxSxD, v_XxSxD, mask_XxQxS):
+  """softmax(q k^T) v over batch dims X (q pre-scaled; every query row sees at least one key).
+
+  A custom VJP in the style of flash attention: the backward keeps only q, k, v, the output and
+  the row log-sum-exp (not the [Q, S] probabilities), recomputes the scores once, and orders
+  every matmul so that XLA:CPU runs it in a fast layout (see `_chunk_attention_bwd`).
+  """
+  return _chunk_attention_fwd(q_XxQxD, k_XxSxD, v_XxSxD, mask_XxQxS)[0]
+
+
+def _chunk_attention_fwd(q, k, v, mask):
+  s = jnp.einsum("...qd,...sd->...qs", q, k, preferred_element_type=jnp.float32)
+  s = jnp.where(mask, s, -1e30)
+  row_max = jnp.max(s, axis=-1, keepdims=True)
+  p = jnp.exp(s - row_max)
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  o = jnp.einsum("...qs,...sd->...qd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  o = (o / denom).astype(q.dtype)  # normalising after PV touches [Q, D], not [Q, S]
+  lse = (row_max + jnp.log(denom))[..., 0]  # [..., Q]
+  return o, (q, k, v, mask, o, lse)
+
+
+def _chunk_attention_bwd(res, do):
+  """Gradients from transposed scores [.., S, Q]: every matmul is then NN or NT. XLA:CPU runs
+  the TN products that plain autodiff produces (contracting the left operand's major axis)
+  about 3x slower."""
+  q, k, v, mask, o, lse = res
+  f32 = jnp.float32
+  st = jnp.einsum("...sd,...qd->...sq", k, q, preferred_element_type=f32)
+  pt = jnp.where(jnp.swapaxes(mask, -1, -2), jnp.exp(st - lse[..., None, :]), 0.0)
+  dv = jnp.einsum("...sq,...qd->...sd", pt.astype(do.dtype), do, preferred_element_type=f32)
+  dpt = jnp.einsum("...sd,...qd->...sq", v, do, preferred_element_type=f32)
+  delta = jnp.sum(do.astype(f32) * o.astype(f32), axis=-1)[..., None, :]  # rowsum(dO * O)
+  dst = (pt * (dpt - delta)).astype(q.dtype)
+  dk = jnp.einsum("...sq,...qd->...sd", dst, q, preferred_element_type=f32)
+  dq = jnp.einsum("...qs,...sd->...qd", jnp.swapaxes(dst, -1, -2), k, preferred_element_type=f32)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+chunk_attention.defvjp(_chunk_attention_fwd, _chunk_attention_bwd)
 
 
 def patch_pooling_attention(q_BxPxkxHxD, k_BxNxHxD, v_BxNxHxD, patch_ids_BxN):
@@ -206,3 +247,4 @@ def write_kv_cache(cache, k_BxKxD, v_BxKxD, pos_B, seg_B, slot_B, write_B):
               v=jnp.where(sel, v_BxKxD[:, None].astype(cache["v"].dtype), cache["v"]),
               pos=jnp.where(hit, pos_B[:, None], cache["pos"]),
               seg=jnp.where(hit, seg_B[:, None], cache["seg"]))
+

@@ -70,6 +70,23 @@ class RuntimeConfig:
   dtype: str         # compute dtype: 'bfloat16' for training, 'float32' for parity checks.
   param_dtype: str   # 'float32' master weights.
   remat_policy: str  # 'none' | 'full' | any name in jax.checkpoint_policies.
+  attn_chunk: int | None  # query block of local attention, capped at the window (None = window).
+  scan_unroll: int   # layers per iteration of the scanned layer loops (1 = rolled loop).
+
+  @classmethod
+  def for_inference(cls, dtype: str) -> "RuntimeConfig":
+    """No rematerialisation; window-sized attention chunks (valid for any window)."""
+    return cls(dtype=dtype, param_dtype="float32", remat_policy="none", attn_chunk=None,
+               scan_unroll=1)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  def chunk_for(self, window: int | None) -> int | None:
+    """The local-attention query chunk for a stack with this window."""
+    if window is None or self.attn_chunk is None:
+      return window
+    return min(self.attn_chunk, window)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +149,7 @@ class BLTConfig:
       raise ValueError(f"model.hash_group_sizes must be >= 1, got {self.hash_group_sizes}")
     if self.num_hash_tables and not 1 <= self.hash_vocab < 2**24:
       raise ValueError(f"model.hash_vocab must be in [1, 2**24), got {self.hash_vocab}")
-    _validate_runtime(self.runtime, "model.runtime")
+    _validate_runtime(self.runtime, "model.runtime", (self.encoder, self.decoder))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,14 +168,14 @@ class EntropyModelConfig:
       d["runtime"] = _build(RuntimeConfig, d["runtime"], "entropy_model.runtime")
     cfg = _build(cls, d, "entropy_model")
     cfg.transformer.validate("entropy_model.transformer")
-    _validate_runtime(cfg.runtime, "entropy_model.runtime")
+    _validate_runtime(cfg.runtime, "entropy_model.runtime", (cfg.transformer,))
     return cfg
 
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _validate_runtime(rt: RuntimeConfig, where: str):
+def _validate_runtime(rt: RuntimeConfig, where: str, stacks=()):
   import jax  # Local import keeps this module importable without initialising JAX.
   if rt.dtype not in _DTYPES:
     raise ValueError(f"{where}.dtype must be one of {_DTYPES}, got {rt.dtype!r}")
@@ -168,6 +185,15 @@ def _validate_runtime(rt: RuntimeConfig, where: str):
                                                               rt.remat_policy):
     raise ValueError(f"{where}.remat_policy={rt.remat_policy!r} is not 'none', 'full' or a "
                      "jax.checkpoint_policies name")
+  if rt.scan_unroll < 1:
+    raise ValueError(f"{where}.scan_unroll must be >= 1, got {rt.scan_unroll}")
+  if rt.attn_chunk is not None and rt.attn_chunk < 1:
+    raise ValueError(f"{where}.attn_chunk must be >= 1 or None, got {rt.attn_chunk}")
+  for t in stacks:
+    chunk = rt.chunk_for(t.attn_window)
+    if chunk is not None and t.attn_window % chunk:
+      raise ValueError(f"{where}.attn_chunk={rt.attn_chunk} does not divide the attention window "
+                       f"{t.attn_window}")
 
 
 def to_dict(cfg) -> dict:

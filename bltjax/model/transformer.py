@@ -53,7 +53,9 @@ class SelfAttention(nn.Module):
     q, k, v = self.qkv(x_BxSxD, positions_BxS)
     if cache is None:
       # Positions are row positions 0..S-1 here, so blockwise local attention applies.
-      o = attention.local_attention(q, k, v, segment_ids_BxS, window=self.cfg.attn_window)
+      window = self.cfg.attn_window
+      o = attention.local_attention(q, k, v, segment_ids_BxS, window=window,
+                                    chunk=self.rt.chunk_for(window))
       return self.out(o), None
     # Decoding one position per row (S = 1) against a KV cache.
     pos, seg = positions_BxS[:, 0], segment_ids_BxS[:, 0]
@@ -97,7 +99,7 @@ def scan_stack(block_cls, *, length: int, rt: RuntimeConfig, in_axes):
                                                            rt.remat_policy)
     block_cls = nn.remat(block_cls, policy=policy, prevent_cse=False)
   return nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                 in_axes=in_axes, length=length,
+                 in_axes=in_axes, length=length, unroll=min(rt.scan_unroll, length),
                  metadata_params={nn.PARTITION_NAME: "layers"})
 
 
