@@ -247,4 +247,3 @@ def write_kv_cache(cache, k_BxKxD, v_BxKxD, pos_B, seg_B, slot_B, write_B):
               v=jnp.where(sel, v_BxKxD[:, None].astype(cache["v"].dtype), cache["v"]),
               pos=jnp.where(hit, pos_B[:, None], cache["pos"]),
               seg=jnp.where(hit, seg_B[:, None], cache["seg"]))
-
