@@ -35,7 +35,7 @@ def param_shapes(module: nn.Module, *example_args) -> dict:
 
 def _with_runtime(model: dict, dtype: str) -> dict:
   """Inference runtime: the requested compute dtype, fp32 params, no rematerialisation."""
-  return dict(model, runtime=RuntimeConfig.for_inference(dtype).to_dict())
+  return dict(model, runtime=RuntimeConfig.for_inference(dtype))
 
 
 def _as_tokens(tokens) -> np.ndarray:

@@ -224,7 +224,7 @@ def _debug_model():
   from bltjax.model.config import EntropyModelConfig
   from bltjax.model.entropy_model import EntropyModel
   cfg = configs.load(os.path.join(os.path.dirname(__file__), "..", "experiments", "debug.py"))
-  runtime = RuntimeConfig.for_inference("float32").to_dict()
+  runtime = RuntimeConfig.for_inference("float32")
   model = BLTConfig.from_dict(dict(cfg.model.to_dict(), runtime=runtime))
   ent = EntropyModelConfig.from_dict(dict(cfg.entropy_model.model.to_dict(), runtime=runtime))
   tokens, _, _ = real_batch(2, 256)
@@ -301,8 +301,7 @@ def _pipeline_worker():
   from bltjax.model.entropy_model import EntropyModel
   c = configs.load(_CONFIG.value)
   ecfg = EntropyModelConfig.from_dict(dict(c.entropy_model.model.to_dict(),
-                                           runtime=RuntimeConfig.for_inference(
-                                               "float32").to_dict()))
+                                           runtime=RuntimeConfig.for_inference("float32")))
   tokens, _, _ = real_batch(2, _ROW_BYTES.value)
   unbox = lambda t: jax.tree.map(lambda x: x.unbox(), t, is_leaf=lambda x: hasattr(x, "unbox"))  # noqa
   params = unbox(jax.jit(EntropyModel(ecfg).init)(jax.random.key(0), tokens)["params"])

@@ -109,22 +109,26 @@ def test_gradient_accumulation_equals_the_large_batch():
   # Plain SGD with lr 1: parameter changes are the gradients themselves (AdamW would amplify
   # float-reordering noise in near-zero gradients).
   sgd = optax.sgd(1.0)
-  p1, m1 = _one_step(cfg, mesh, batch, microbatches=1, opt=sgd)
-  p4, m4 = _one_step(cfg, mesh, batch, microbatches=4, opt=sgd)
-  np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-5)
-  np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-4)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), p1, p4)
+  want = _one_step(cfg, mesh, batch, microbatches=1, opt=sgd)
+  got = _one_step(cfg, mesh, batch, microbatches=4, opt=sgd)
+  _assert_same_step(got, want)
+  np.testing.assert_allclose(got[1]["grad_norm"], want[1]["grad_norm"], rtol=1e-4)
+
+
+def _assert_same_step(got, want):
+  """(params, metrics) of two train steps agree: loss to rtol 1e-5, every parameter to 1e-5."""
+  (p_got, m_got), (p_want, m_want) = got, want
+  np.testing.assert_allclose(m_got["loss"], m_want["loss"], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), p_want, p_got)
 
 
 def test_sharded_step_equals_single_device():
   cfg = tiny_blt()
   batch = _random_batch(cfg, 8)
   single = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  sgd = optax.sgd(1.0)
-  p1, m1 = _one_step(cfg, single, batch, microbatches=1, opt=sgd)
-  p8, m8 = _one_step(cfg, sharding.make_mesh((2, 2, 2)), batch, microbatches=1, opt=sgd)
-  np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), p1, p8)
+  want = _one_step(cfg, single, batch, microbatches=1, opt=optax.sgd(1.0))
+  got = _one_step(cfg, sharding.make_mesh((2, 2, 2)), batch, microbatches=1, opt=optax.sgd(1.0))
+  _assert_same_step(got, want)
 
 
 def test_runtime_settings_do_not_change_what_is_computed():
@@ -132,12 +136,9 @@ def test_runtime_settings_do_not_change_what_is_computed():
   cfg = tiny_blt()
   batch = _random_batch(cfg, 8)
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  sgd = optax.sgd(1.0)
-  p1, m1 = _one_step(cfg, mesh, batch, microbatches=1, opt=sgd)
+  want = _one_step(cfg, mesh, batch, microbatches=1, opt=optax.sgd(1.0))
   cfg.model.runtime.update(attn_chunk=8, scan_unroll=2, remat_policy="full")
-  p2, m2 = _one_step(cfg, mesh, batch, microbatches=1, opt=sgd)
-  np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), p1, p2)
+  _assert_same_step(_one_step(cfg, mesh, batch, microbatches=1, opt=optax.sgd(1.0)), want)
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -79,9 +79,6 @@ class RuntimeConfig:
     return cls(dtype=dtype, param_dtype="float32", remat_policy="none", attn_chunk=None,
                scan_unroll=1)
 
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
-
   def chunk_for(self, window: int | None) -> int | None:
     """The local-attention query chunk for a stack with this window."""
     if window is None or self.attn_chunk is None:
