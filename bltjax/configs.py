@@ -153,7 +153,8 @@ def tiny(config) -> ml_collections.ConfigDict:
     s.optim.update(warmup_steps=1)
     s.mesh.shape = (1, -1, 1)
     rt = s.model.runtime
-    rt.update(dtype="float32", remat_policy="none", attn_chunk=None, scan_unroll=1)
+    rt.update(dtype="float32", remat_policy="none", attn_chunk=None, attn_loop=False,
+              scan_unroll=1)
 
   shrink_stage(c)
   if c.model_type == "blt":

@@ -42,6 +42,7 @@ def get_config(arg=None):
       runtime=dict(dtype="bfloat16", param_dtype="float32",
                    remat_policy="dots_with_no_batch_dims_saveable",
                    attn_chunk=128,  # local attention in 128-query blocks (divides the 512 window)
+                   attn_loop=False,  # all blocks as one batched op (accelerators)
                    scan_unroll=1))  # rolled layer loops: compile time independent of depth
   c.patching = dict(
       mode="entropy",

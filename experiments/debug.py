@@ -60,6 +60,7 @@ def get_config(arg=None):
           param_dtype="float32",
           remat_policy="none",  # no rematerialisation needed at this size
           attn_chunk=None,      # local attention in query chunks of the whole window
+          attn_loop=False,      # all chunks as one batched op
           scan_unroll=1))       # layer loops stay rolled (compile time)
 
   c.patching = dict(
@@ -124,7 +125,7 @@ def get_config(arg=None):
               norm_eps=1e-5,
               attn_window=128),  # sliding window (512 in the released model)
           runtime=dict(dtype="float32", param_dtype="float32", remat_policy="none",
-                       attn_chunk=None, scan_unroll=1)),  # as for BLT above
+                       attn_chunk=None, attn_loop=False, scan_unroll=1)),  # as for BLT above
       data=dict(seq_len=384, num_workers=0, worker_buffer=4, prefetch=2, read_threads=2,
                 read_buffer=64,
                 host_hash_ids=False, preprocessed_dir=placeholder(str)),

@@ -1,6 +1,7 @@
 """The O(N·w) / O(N·k) attention kernels equal dense masked attention on random inputs."""
 
 import jax
+import jax.extend  # jaxprs_in_params (not imported by `import jax`)
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -84,9 +85,11 @@ def test_local_attention_never_builds_a_dense_mask(chunk):
     (64, 16, 4, 2, 3, 4),      # grouped KV heads, quarter-window chunks
     (50, 8, 2, 1, 4, 2),       # multi-query
 ])
+@pytest.mark.parametrize("loop", [False, True])
 def test_local_attention_gradients_equal_autodiff_of_dense(n, window, heads, kv_heads, docs,
-                                                           chunk):
-  """The custom VJP (flash-style backward) equals autodiff through dense masked softmax."""
+                                                           chunk, loop):
+  """The custom VJP (flash-style backward) equals autodiff through dense masked softmax, with the
+  chunks batched or computed one at a time."""
   rng = np.random.default_rng(n + 1)
   b, d = 2, 8
   q = jnp.asarray(rng.normal(size=(b, n, heads, d)), jnp.float32)
@@ -98,10 +101,13 @@ def test_local_attention_gradients_equal_autodiff_of_dense(n, window, heads, kv_
   mask = attention.causal_segment_mask(pos, pos, seg, seg, window)
 
   def blockwise(q, k, v):
-    return (attention.local_attention(q, k, v, seg, window=window, chunk=chunk) * cot).sum()
+    out = attention.local_attention(q, k, v, seg, window=window, chunk=chunk, loop=loop)
+    return (out * cot).sum()
 
   def dense(q, k, v):
     return (attention.dense_attention(q, k, v, mask) * cot).sum()
+  np.testing.assert_allclose(float(jax.jit(blockwise)(q, k, v)), float(dense(q, k, v)),
+                             rtol=1e-5)
   got = jax.jit(jax.grad(blockwise, argnums=(0, 1, 2)))(q, k, v)
   want = jax.jit(jax.grad(dense, argnums=(0, 1, 2)))(q, k, v)
   for name, g, w in zip("qkv", got, want):

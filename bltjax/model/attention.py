@@ -62,16 +62,22 @@ def dense_attention(q_BxQxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxQxS, *, rows_may_be_
   return out.astype(q_BxQxHxD.dtype)
 
 
-def causal_segment_mask(q_pos_BxQ, k_pos_BxS, q_seg_BxQ, k_seg_BxS, window=None):
-  """Key j is visible from query i iff same segment, j <= i and (window) i - j < window."""
-  qp, kp = q_pos_BxQ[:, :, None], k_pos_BxS[:, None, :]
-  mask = (q_seg_BxQ[:, :, None] == k_seg_BxS[:, None, :]) & (kp <= qp)
+def causal_segment_mask(q_pos_BxQ, k_pos_BxS, q_seg_BxQ, k_seg_BxS, window=None,
+                        transposed=False):
+  """Key j is visible from query i iff same segment, j <= i and (window) i - j < window.
+
+  Returns [B, Q, S], or [B, S, Q] with `transposed` (built in that layout, not transposed).
+  """
+  q_axis, k_axis = (2, 1) if transposed else (1, 2)
+  qp, kp = jnp.expand_dims(q_pos_BxQ, k_axis), jnp.expand_dims(k_pos_BxS, q_axis)
+  mask = (jnp.expand_dims(q_seg_BxQ, k_axis) == jnp.expand_dims(k_seg_BxS, q_axis)) & (kp <= qp)
   if window is not None:
     mask &= qp - kp < window
   return mask
 
 
-def local_attention(q_BxNxHxD, k_BxNxKxD, v_BxNxKxD, segment_ids_BxN, *, window, chunk=None):
+def local_attention(q_BxNxHxD, k_BxNxKxD, v_BxNxKxD, segment_ids_BxN, *, window, chunk=None,
+                    loop=False):
   """Sliding-window causal self-attention within segments, blockwise in O(N·window).
 
   Query i sees key j iff seg[i] == seg[j] and i - window < j <= i (window keys including itself,
@@ -79,6 +85,10 @@ def local_attention(q_BxNxHxD, k_BxNxKxD, v_BxNxKxD, segment_ids_BxN, *, window,
   of C positions (default C = window); a chunk attends to itself and the r = window / C chunks
   before it, which covers every visible key: N·(window + C) scores instead of N^2. With C = window
   half of the scores are masked; smaller chunks waste less (C = window/4: a fifth).
+
+  `loop` computes the chunks one after another (`lax.map`) instead of as one batch, so that each
+  chunk's [C, window + C] scores stay in cache: faster on CPUs, where attention is bound by memory
+  traffic; accelerators prefer the single batched op.
   """
   b, n, h, d = q_BxNxHxD.shape
   num_kv = k_BxNxKxD.shape[2]
@@ -95,51 +105,67 @@ def local_attention(q_BxNxHxD, k_BxNxKxD, v_BxNxKxD, segment_ids_BxN, *, window,
   nc = -(-n // c)
   pad = nc * c - n
 
-  def pad_n(x, axis, fill=0):
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, pad)
-    return jnp.pad(x, widths, constant_values=fill)
+  def chunked(x_BxNx___, fill=0):
+    """[B, N, ...] -> [nC, B, C, ...]: chunk-major, so chunks are the leading batch axis."""
+    widths = [(0, 0)] * x_BxNx___.ndim
+    widths[1] = (0, pad)
+    x = jnp.pad(x_BxNx___, widths, constant_values=fill)
+    return jnp.moveaxis(x.reshape(b, nc, c, *x.shape[2:]), 1, 0)
 
-  def with_previous(x, axis, fill=0):
-    """Chunk axis `axis`, rows axis+1 -> rows of the r previous chunks, then the chunk's own."""
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (r, 0)
-    padded = jnp.pad(x, widths, constant_values=fill)
-    parts = [jax.lax.slice_in_dim(padded, j, j + nc, axis=axis) for j in range(r + 1)]
-    return jnp.concatenate(parts, axis=axis + 1)
+  def with_previous(x_nCxBxCx___, fill=0):
+    """Rows (axis 2) of the r previous chunks, then the chunk's own: [nC, B, (r+1)C, ...]."""
+    padded = jnp.pad(x_nCxBxCx___, [(r, 0)] + [(0, 0)] * (x_nCxBxCx___.ndim - 1),
+                     constant_values=fill)
+    return jnp.concatenate([padded[j:j + nc] for j in range(r + 1)], axis=2)
 
-  # [B, K, G, N, D] -> [B, K, nC, G*C, D]; keys/values [B, K, nC, (r+1)C, D].
-  q = pad_n(_heads_first(q_BxNxHxD * (d**-0.5), num_kv), 3).reshape(b, num_kv, g, nc, c, d)
-  q = q.transpose(0, 1, 3, 2, 4, 5).reshape(b, num_kv, nc, g * c, d)
-  k = with_previous(pad_n(k_BxNxKxD.transpose(0, 2, 1, 3), 2).reshape(b, num_kv, nc, c, d), 2)
-  v = with_previous(pad_n(v_BxNxKxD.transpose(0, 2, 1, 3), 2).reshape(b, num_kv, nc, c, d), 2)
+  # Queries [nC, B, K, G*C, D] (the G heads of a KV group one after another); keys and values
+  # [nC, B, K, (r+1)C, D].
+  q = chunked(q_BxNxHxD * (d**-0.5)).reshape(nc, b, c, num_kv, g, d)
+  q = q.transpose(0, 1, 3, 4, 2, 5).reshape(nc, b, num_kv, g * c, d)
+  k = with_previous(chunked(k_BxNxKxD)).transpose(0, 1, 3, 2, 4)
+  v = with_previous(chunked(v_BxNxKxD)).transpose(0, 1, 3, 2, 4)
 
-  q_pos = pad_n(positions, 1, fill=-1).reshape(b, nc, c)
-  q_seg = pad_n(segment_ids_BxN, 1, fill=-1).reshape(b, nc, c)
-  k_pos = with_previous(q_pos, 1)
-  k_seg = with_previous(q_seg, 1, fill=-2)  # padding before the first chunk: no query's segment
+  q_pos, q_seg = chunked(positions, fill=-1), chunked(segment_ids_BxN, fill=-1)  # [nC, B, C]
+  k_pos = with_previous(q_pos)
+  k_seg = with_previous(q_seg, fill=-2)  # padding before the first chunk: no query's segment
   s = (r + 1) * c
-  mask = causal_segment_mask(q_pos.reshape(b * nc, c), k_pos.reshape(b * nc, s),
-                             q_seg.reshape(b * nc, c), k_seg.reshape(b * nc, s), window)
-  # Every query head of a KV group shares the mask: [B, 1, nC, G*C, S].
-  mask = jnp.tile(mask.reshape(b, 1, nc, c, s), (1, 1, 1, g, 1))
-  out = chunk_attention(q, k, v, mask)  # [B, K, nC, G*C, D]
-  out = out.reshape(b, num_kv, nc, g, c, d).transpose(0, 2, 4, 1, 3, 5).reshape(b, nc * c, h, d)
+  q_pos, q_seg = q_pos.reshape(nc * b, c), q_seg.reshape(nc * b, c)
+  k_pos, k_seg = k_pos.reshape(nc * b, s), k_seg.reshape(nc * b, s)
+  mask = causal_segment_mask(q_pos, k_pos, q_seg, k_seg, window)
+  # The backward pass works on transposed scores; building that mask directly is cheaper than
+  # transposing this one.
+  mask_t = causal_segment_mask(q_pos, k_pos, q_seg, k_seg, window, transposed=True)
+  # Every query head of a KV group shares the mask: [nC, B, 1, G*C, S] and [nC, B, 1, S, G*C].
+  mask = jnp.tile(mask.reshape(nc, b, 1, c, s), (1, 1, 1, g, 1))
+  mask_t = jnp.tile(mask_t.reshape(nc, b, 1, s, c), (1, 1, 1, 1, g))
+
+  def attend(*args):
+    if loop:
+      return jax.lax.map(lambda a: chunk_attention(*a), args)
+    return chunk_attention(*args)
+  # The first r chunks lie inside the first window, so the first of their r + 1 key blocks is
+  # all padding: they skip it (for 1 KiB rows and 256-byte chunks, a sixth of the scores).
+  warm = attend(q[:r], k[:r, :, :, c:], v[:r, :, :, c:], mask[:r, ..., c:],
+                mask_t[:r, :, :, c:])
+  rest = attend(q[r:], k[r:], v[r:], mask[r:], mask_t[r:])
+  out = jnp.concatenate([warm, rest])  # [nC, B, K, G*C, D]
+  out = out.reshape(nc, b, num_kv, g, c, d).transpose(1, 0, 4, 2, 3, 5).reshape(b, nc * c, h, d)
   return out[:, :n].astype(q_BxNxHxD.dtype)
 
 
 @jax.custom_vjp
-def chunk_attention(q_XxQxD, k_XxSxD, v_XxSxD, mask_XxQxS):
+def chunk_attention(q_XxQxD, k_XxSxD, v_XxSxD, mask_XxQxS, mask_XxSxQ):
   """softmax(q k^T) v over batch dims X (q pre-scaled; every query row sees at least one key).
 
+  `mask_XxSxQ` is the same mask in the transposed layout (for the backward pass).
   A custom VJP in the style of flash attention: the backward keeps only q, k, v, the output and
   the row log-sum-exp (not the [Q, S] probabilities), recomputes the scores once, and orders
   every matmul so that XLA:CPU runs it in a fast layout (see `_chunk_attention_bwd`).
   """
-  return _chunk_attention_fwd(q_XxQxD, k_XxSxD, v_XxSxD, mask_XxQxS)[0]
+  return _chunk_attention_fwd(q_XxQxD, k_XxSxD, v_XxSxD, mask_XxQxS, mask_XxSxQ)[0]
 
 
-def _chunk_attention_fwd(q, k, v, mask):
+def _chunk_attention_fwd(q, k, v, mask, mask_t):
   s = jnp.einsum("...qd,...sd->...qs", q, k, preferred_element_type=jnp.float32)
   s = jnp.where(mask, s, -1e30)
   row_max = jnp.max(s, axis=-1, keepdims=True)
@@ -148,24 +174,26 @@ def _chunk_attention_fwd(q, k, v, mask):
   o = jnp.einsum("...qs,...sd->...qd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
   o = (o / denom).astype(q.dtype)  # normalising after PV touches [Q, D], not [Q, S]
   lse = (row_max + jnp.log(denom))[..., 0]  # [..., Q]
-  return o, (q, k, v, mask, o, lse)
+  return o, (q, k, v, mask_t, o, lse)
 
 
 def _chunk_attention_bwd(res, do):
   """Gradients from transposed scores [.., S, Q]: every matmul is then NN or NT. XLA:CPU runs
   the TN products that plain autodiff produces (contracting the left operand's major axis)
-  about 3x slower."""
-  q, k, v, mask, o, lse = res
+  about 3x slower, and slower than transposing dS once (the barrier keeps XLA from folding
+  that transpose back into the dq product)."""
+  q, k, v, mask_t, o, lse = res
   f32 = jnp.float32
   st = jnp.einsum("...sd,...qd->...sq", k, q, preferred_element_type=f32)
-  pt = jnp.where(jnp.swapaxes(mask, -1, -2), jnp.exp(st - lse[..., None, :]), 0.0)
+  pt = jnp.where(mask_t, jnp.exp(st - lse[..., None, :]), 0.0)
   dv = jnp.einsum("...sq,...qd->...sd", pt.astype(do.dtype), do, preferred_element_type=f32)
   dpt = jnp.einsum("...sd,...qd->...sq", v, do, preferred_element_type=f32)
   delta = jnp.sum(do.astype(f32) * o.astype(f32), axis=-1)[..., None, :]  # rowsum(dO * O)
   dst = (pt * (dpt - delta)).astype(q.dtype)
   dk = jnp.einsum("...sq,...qd->...sd", dst, q, preferred_element_type=f32)
-  dq = jnp.einsum("...qs,...sd->...qd", jnp.swapaxes(dst, -1, -2), k, preferred_element_type=f32)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+  ds = jax.lax.optimization_barrier(jnp.swapaxes(dst, -1, -2))
+  dq = jnp.einsum("...qs,...sd->...qd", ds, k, preferred_element_type=f32)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
 chunk_attention.defvjp(_chunk_attention_fwd, _chunk_attention_bwd)

@@ -71,13 +71,14 @@ class RuntimeConfig:
   param_dtype: str   # 'float32' master weights.
   remat_policy: str  # 'none' | 'full' | any name in jax.checkpoint_policies.
   attn_chunk: int | None  # query block of local attention, capped at the window (None = window).
+  attn_loop: bool    # local attention one query chunk at a time (CPU: cache-friendly).
   scan_unroll: int   # layers per iteration of the scanned layer loops (1 = rolled loop).
 
   @classmethod
   def for_inference(cls, dtype: str) -> "RuntimeConfig":
     """No rematerialisation; window-sized attention chunks (valid for any window)."""
     return cls(dtype=dtype, param_dtype="float32", remat_policy="none", attn_chunk=None,
-               scan_unroll=1)
+               attn_loop=False, scan_unroll=1)
 
   def chunk_for(self, window: int | None) -> int | None:
     """The local-attention query chunk for a stack with this window."""
@@ -186,6 +187,8 @@ def _validate_runtime(rt: RuntimeConfig, where: str, stacks=()):
     raise ValueError(f"{where}.scan_unroll must be >= 1, got {rt.scan_unroll}")
   if rt.attn_chunk is not None and rt.attn_chunk < 1:
     raise ValueError(f"{where}.attn_chunk must be >= 1 or None, got {rt.attn_chunk}")
+  if not isinstance(rt.attn_loop, bool):
+    raise ValueError(f"{where}.attn_loop must be True or False, got {rt.attn_loop!r}")
   for t in stacks:
     chunk = rt.chunk_for(t.attn_window)
     if chunk is not None and t.attn_window % chunk:

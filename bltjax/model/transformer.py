@@ -55,7 +55,7 @@ class SelfAttention(nn.Module):
       # Positions are row positions 0..S-1 here, so blockwise local attention applies.
       window = self.cfg.attn_window
       o = attention.local_attention(q, k, v, segment_ids_BxS, window=window,
-                                    chunk=self.rt.chunk_for(window))
+                                    chunk=self.rt.chunk_for(window), loop=self.rt.attn_loop)
       return self.out(o), None
     # Decoding one position per row (S = 1) against a KV cache.
     pos, seg = positions_BxS[:, 0], segment_ids_BxS[:, 0]
