@@ -1,12 +1,12 @@
 """The O(N·w) / O(N·k) attention kernels equal dense masked attention on random inputs."""
 
 import jax
-import jax.extend  # jaxprs_in_params (not imported by `import jax`)
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from bltjax.model import attention
+from tests.jaxprs import all_eqns
 
 
 def dense_reference(q, k, v, mask):
@@ -57,14 +57,6 @@ def test_local_attention_equals_dense_mask(n, window, heads, kv_heads, docs, chu
   np.testing.assert_allclose(np.asarray(got), dense_reference(q, k, v, mask), atol=2e-5)
 
 
-def _all_eqns(jaxpr):
-  """Equations of a jaxpr and of every sub-jaxpr (custom_vjp bodies, scans, ...)."""
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      yield from _all_eqns(sub)
-
-
 @pytest.mark.parametrize("chunk", [None, 16])
 def test_local_attention_never_builds_a_dense_mask(chunk):
   """Blockwise, forward and backward: the largest intermediate is O(N·2w), not O(N^2)."""
@@ -75,7 +67,7 @@ def test_local_attention_never_builds_a_dense_mask(chunk):
   def loss(q):
     return attention.local_attention(q, q, q, seg, window=w, chunk=chunk).sum()
   for fn in (loss, jax.grad(loss)):
-    eqns = list(_all_eqns(jax.make_jaxpr(fn)(q).jaxpr))
+    eqns = list(all_eqns(jax.make_jaxpr(fn)(q).jaxpr))
     biggest = max(np.prod(v.aval.shape) for e in eqns for v in e.outvars)
     assert biggest <= b * n * 2 * w * h, biggest
 

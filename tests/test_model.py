@@ -3,7 +3,6 @@ documents, windows, logical axes, and the sharded model equal to the single-devi
 
 import flax.linen as nn
 import jax
-import jax.extend  # jaxprs_in_params
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from bltjax.model import layers
 from bltjax.model.blt import ByteLatentTransformer
 from bltjax.model.entropy_model import EntropyModel
 from tests import tiny
+from tests.jaxprs import all_eqns
 
 
 def init(module, *args):
@@ -111,14 +111,6 @@ def test_bfloat16_compute_stays_close_to_float32(blt):
   assert float(jnp.max(jnp.abs(out16 - out32))) < 0.15
 
 
-def _dot_operand_dtypes(jaxpr):
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      yield tuple(str(v.aval.dtype) for v in eqn.invars)
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      yield from _dot_operand_dtypes(sub)
-
-
 def test_bfloat16_matmul_backward_runs_in_bfloat16_and_loses_nothing():
   """`layers.matmul`'s backward multiplies bf16 operands (fp32 products would be 2-3x slower on
   CPU) and gives the same gradients as fp32 arithmetic on the same bf16 values."""
@@ -142,7 +134,8 @@ def test_bfloat16_matmul_backward_runs_in_bfloat16_and_loses_nothing():
   np.testing.assert_allclose(np.asarray(dw), np.asarray(jnp.einsum("bsi,bso->io", x32, c32,
                                                                    precision=hi)), rtol=1e-5)
   grad_jaxpr = jax.make_jaxpr(vjp)(cot).jaxpr
-  dtypes = list(_dot_operand_dtypes(grad_jaxpr))
+  dtypes = [tuple(str(v.aval.dtype) for v in e.invars) for e in all_eqns(grad_jaxpr)
+            if e.primitive.name == "dot_general"]
   assert len(dtypes) == 2 and all(d == ("bfloat16", "bfloat16") for d in dtypes), dtypes
   # In fp32 it is plain autodiff.
   x32 = x.astype(jnp.float32)

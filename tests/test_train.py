@@ -132,12 +132,12 @@ def test_sharded_step_equals_single_device():
 
 
 def test_runtime_settings_do_not_change_what_is_computed():
-  """Attention chunking, layer-loop unrolling and remat change how, not what: same step."""
+  """Attention chunking and looping, layer-loop unrolling and remat change how, not what."""
   cfg = tiny_blt()
   batch = _random_batch(cfg, 8)
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   want = _one_step(cfg, mesh, batch, microbatches=1, opt=optax.sgd(1.0))
-  cfg.model.runtime.update(attn_chunk=8, scan_unroll=2, remat_policy="full")
+  cfg.model.runtime.update(attn_chunk=8, attn_loop=True, scan_unroll=2, remat_policy="full")
   _assert_same_step(_one_step(cfg, mesh, batch, microbatches=1, opt=optax.sgd(1.0)), want)
 
 

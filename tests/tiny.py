@@ -8,9 +8,9 @@ def transformer(dim=32, layers=2, heads=2, kv_heads=None, window=None, theta=500
                            ffn_dim=2 * dim, rope_theta=theta, norm_eps=1e-5, attn_window=window)
 
 
-def runtime(dtype="float32", remat="none", chunk=None, unroll=1, loop=False):
-  return RuntimeConfig(dtype=dtype, param_dtype="float32", remat_policy=remat, attn_chunk=chunk,
-                       attn_loop=loop, scan_unroll=unroll)
+def runtime(dtype="float32", remat="none"):
+  return RuntimeConfig(dtype=dtype, param_dtype="float32", remat_policy=remat, attn_chunk=None,
+                       attn_loop=False, scan_unroll=1)
 
 
 def blt_config(*, window=8, k=2, enc_layers=1, all_enc=False, dec_layers=2, all_dec=True,

@@ -39,7 +39,8 @@ def _masked_softmax(scores, mask, *, rows_may_be_empty=True):
 
 def _heads_first(q_BxSxHxD, num_kv_heads):
   """[B, S, H, D] -> [B, K, G, S, D]. XLA:CPU runs batched matmuls several times faster when the
-  batch dimensions (batch, KV heads) lead, so every kernel works in this layout."""
+  batch dimensions (batch, KV heads) lead; `local_attention` likewise puts (chunk, batch, KV
+  head) first."""
   b, s, h, d = q_BxSxHxD.shape
   return q_BxSxHxD.reshape(b, s, num_kv_heads, h // num_kv_heads, d).transpose(0, 2, 3, 1, 4)
 

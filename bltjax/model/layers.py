@@ -69,8 +69,7 @@ def _matmul_fwd(x, w):
 
 
 def _matmul_bwd(res, g):
-  x, w = res
-  g = g.astype(x.dtype)
+  x, w = res  # g comes in x's dtype, the output's
   dx = jnp.einsum("...o,io->...i", g, w.astype(x.dtype), preferred_element_type=jnp.float32)
   dw = jnp.einsum("...i,...o->io", x, g, preferred_element_type=jnp.float32)
   return dx.astype(x.dtype), dw.astype(w.dtype)
