@@ -123,6 +123,7 @@ class _CaptureStderr:
 def compile_report(config, topology: str, mfu: float, bytes_per_patch: float) -> dict:
   import functools
   import jax
+  from bltjax import batch as batch_lib
   from bltjax import configs, flops, optim, sharding, step as step_lib
   from bltjax import train_state as ts
   devices, kind, hbm = topology_devices(topology)
@@ -132,9 +133,10 @@ def compile_report(config, topology: str, mfu: float, bytes_per_patch: float) ->
   optimizer = optim.make_optimizer(config.optim, config.train.steps)
   abstract, state_sh = ts.abstract_state(config, model, optimizer, mesh)
   t = config.train
-  batch_sh = ts.batch_shardings(config, mesh, t.batch_size)
+  spec = batch_lib.spec(config, t.batch_size)
+  batch_sh = batch_lib.shardings(mesh, spec)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k])
-           for k, v in ts.batch_spec(config, t.batch_size).items()}
+           for k, v in spec.items()}
   step = functools.partial(step_lib.train_step, loss_fn=step_lib.make_loss_fn(config, model),
                            optimizer=optimizer, lr_fn=optim.lr_schedule(config.optim, t.steps),
                            microbatches=t.microbatches)
@@ -156,6 +158,15 @@ def compile_report(config, topology: str, mfu: float, bytes_per_patch: float) ->
                   code=m.generated_code_size_in_bytes)
     report["total"] = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
                        + m.temp_size_in_bytes + m.generated_code_size_in_bytes)
+  report["patching"] = patching_report(config, mesh) if batch_lib.device_patching(config) else None
+  if compiled is not None and report["patching"] and not report["patching"]["error"]:
+    pr = report["patching"]
+    # Patching runs between steps: its params and output (patch_lengths) stay resident during
+    # the step; its temporaries only exist while the step's state sits in memory.
+    resident = pr["arguments"] - pr["batch"] + pr["outputs"]
+    report["total"] = max(report["total"] + resident,
+                          m.argument_size_in_bytes + pr["arguments"] + pr["outputs"] +
+                          pr["temporaries"])
   report["params_sharded"] = sharded_fraction(abstract.params)
   report["state_sharded"] = sharded_fraction((abstract.params, abstract.opt_state))
   cfg = configs.model_config(config)
@@ -167,6 +178,33 @@ def compile_report(config, topology: str, mfu: float, bytes_per_patch: float) ->
                 bytes_per_step=bytes_per_step)
   report["step_time"] = fpb * bytes_per_step / (mfu * peak * len(devices))
   return report
+
+
+def patching_report(config, mesh) -> dict:
+  """Compiles accelerator patching (the entropy model of `config.entropy_model` + the cut) on
+  the same mesh: per-device memory, and its FLOPs per byte."""
+  import math
+  from bltjax import batch as batch_lib
+  from bltjax import configs, flops, patcher
+  from bltjax.model.entropy_model import EntropyModel
+  stage = configs.entropy_stage_config(config)
+  ent_cfg = configs.model_config(stage)
+  model = EntropyModel(ent_cfg) if config.patching.mode == "entropy" else None
+  specs = batch_lib.input_spec(config, config.train.batch_size, with_entropies=False)
+  pc = configs.patching_config(config, threshold=0.0)  # the value does not change the program
+  lowered, _, _ = patcher.lower(model, pc, config.patching.max_patches, mesh, specs)
+  per_device = len(mesh.devices.flat)
+  r = dict(batch=sum(math.prod(v.shape) * v.dtype.itemsize for v in specs.values()) // per_device)
+  try:
+    m = lowered.compile().memory_analysis()
+    r.update(error=None, arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes,
+             temporaries=m.temp_size_in_bytes)
+  except Exception as e:  # noqa: BLE001  (out of memory is reported as a runtime error)
+    r["error"] = str(e).splitlines()[0]
+  # The entropy model's forward pass over every byte (no backward), vs the step's FLOPs.
+  r["flops_per_byte"] = (flops.lm_flops_per_byte(ent_cfg, config.data.seq_len, training=False)
+                         if model else 0.0)
+  return r
 
 
 def print_report(r: dict, mfu: float):
@@ -182,6 +220,18 @@ def print_report(r: dict, mfu: float):
           f"{r['code'] / gib:.2f} GiB")
     print(f"  total {r['total'] / gib:.2f} GiB of {r['hbm'] / gib:.0f} GiB: "
           f"{'fits' if r['total'] <= r['hbm'] else 'DOES NOT FIT'}")
+  pr = r.get("patching")
+  if pr:
+    if pr["error"]:
+      print(f"  accelerator patching: COMPILE FAILED: {pr['error']}")
+    else:
+      print(f"  accelerator patching (entropy model + cut, per device): arguments "
+            f"{pr['arguments'] / gib:.2f} GiB, outputs {pr['outputs'] / gib:.3f} GiB, temporaries "
+            f"{pr['temporaries'] / gib:.2f} GiB; {pr['flops_per_byte'] / 1e9:.3f} GFLOP per byte = "
+            f"{100 * pr['flops_per_byte'] / r['flops_per_byte']:.1f}% of the step's")
+  if not r["error"]:
+    print(f"  step + patching: {r['total'] / gib:.2f} GiB of {r['hbm'] / gib:.0f} GiB, "
+          f"headroom {100 * (1 - r['total'] / r['hbm']):.0f}%")
   frac, shard, total = r["state_sharded"]
   print(f"  sharded: {100 * r['params_sharded'][0]:.2f}% of parameter bytes, {100 * frac:.2f}% of "
         f"parameter + optimizer bytes ({(total - shard) / 2**20:.1f} MiB replicated)")
@@ -201,7 +251,7 @@ def main(argv):
   f = flags.FLAGS
   r = compile_report(f.config, f.topology, f.mfu, f.bytes_per_patch)
   print_report(r, f.mfu)
-  if r["error"] or r["total"] > r["hbm"]:
+  if r["error"] or r["total"] > r["hbm"] or (r.get("patching") or {}).get("error"):
     sys.exit(1)
   logging.info("done")
 

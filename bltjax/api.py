@@ -10,16 +10,16 @@
 
 import functools
 import logging
-import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from etils import epath
 
 from bltjax import generate as generate_lib
-from bltjax import checkpoint, hf, patching, tokenizer
+from bltjax import checkpoint, hf, patching, storage, tokenizer
 from bltjax.model.blt import ByteLatentTransformer
 from bltjax.model.config import (BLTConfig, EntropyModelConfig, PatchingConfig, RuntimeConfig,
                                  to_dict)
@@ -65,7 +65,9 @@ class BLT:
 
   @classmethod
   def from_hf(cls, path: str, *, dtype: str = "float32") -> "BLT":
-    """Loads a `transformers` BLT checkpoint directory, its entropy model ("patcher") included."""
+    """Loads a `transformers` BLT checkpoint directory (local or gs://), its entropy model
+    ("patcher") included."""
+    storage.check_access(path)
     runtime = RuntimeConfig.for_inference(dtype)
     model_cfg, entropy_cfg, patching_cfg = hf.configs_from_hf(hf.read_config(path), runtime)
     reader = hf.SafetensorsReader(path)
@@ -89,7 +91,9 @@ class BLT:
   @classmethod
   def from_checkpoint(cls, path: str, *, dtype: str = "float32") -> "BLT":
     """Loads a training workdir (its latest checkpoint's params, no optimizer state) or a
-    directory written by `BLT.save` / `python -m bltjax.export` / `python -m bltjax.convert`."""
+    directory written by `BLT.save` / `python -m bltjax.export` / `python -m bltjax.convert`
+    (local or gs://)."""
+    storage.check_access(path)
     params, config, meta, _ = checkpoint.load_params(path)
     if config.get("model_type") != "blt":
       raise ValueError(f"{path}: holds a {config.get('model_type')!r} model, not a BLT")
@@ -102,7 +106,7 @@ class BLT:
     entropy_cfg = entropy_params = None
     if patching_cfg.mode == "entropy":
       recorded = (meta.get("entropy_model") or {}).get("path")
-      ent_path = checkpoint.resolve(os.path.abspath(path), recorded) if recorded else \
+      ent_path = checkpoint.resolve(storage.abspath(path), recorded) if recorded else \
           config["patching"].get("entropy_model_checkpoint")
       if not ent_path:
         raise ValueError(f"{path}: entropy patching, but no entropy model is recorded")
@@ -113,16 +117,19 @@ class BLT:
 
   @classmethod
   def load(cls, path: str, *, dtype: str = "float32") -> "BLT":
-    """A Hugging Face BLT directory, an exported/converted model, or a training workdir."""
-    if os.path.exists(os.path.join(path, "config.json")) and (
-        os.path.exists(os.path.join(path, "model.safetensors")) or
-        os.path.exists(os.path.join(path, "model.safetensors.index.json"))):
+    """A Hugging Face BLT directory, an exported/converted model, or a training workdir (each
+    local or gs://)."""
+    storage.check_access(path)
+    root = epath.Path(path)
+    if (root / "config.json").exists() and ((root / "model.safetensors").exists() or
+                                           (root / "model.safetensors.index.json").exists()):
       return cls.from_hf(path, dtype=dtype)
     return cls.from_checkpoint(path, dtype=dtype)
 
   def save(self, directory: str, *, format: str = "orbax", dtype: str = "float32"):  # noqa: A002
     """`orbax`: params-only checkpoint + configs (`BLT.from_checkpoint`, training `init_from`);
-    `hf`: config.json + model.safetensors for `transformers`' BltForCausalLM."""
+    `hf`: config.json + model.safetensors for `transformers`' BltForCausalLM. `directory` may be
+    local or gs://."""
     np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
     cast = lambda tree: jax.tree.map(lambda x: np.asarray(x).astype(np_dtype), tree)  # noqa
     if format == "hf":
@@ -134,7 +141,7 @@ class BLT:
       raise ValueError(f"format must be 'orbax' or 'hf', got {format!r}")
     meta = {"patching_threshold": self.patching_config.threshold}
     if self.entropy_params is not None:
-      ent_dir = os.path.join(directory, "entropy_model")
+      ent_dir = storage.join(directory, "entropy_model")
       checkpoint.save_params(ent_dir, cast(self.entropy_params), dict(
           model_type="entropy_model", model=to_dict(self.entropy_config),
           data=dict(seq_len=self.max_context)), {})

@@ -4,7 +4,8 @@
             extra) on the same architecture, batch of bytes and patch lengths, thread count,
             interleaved in one run; then bltjax's step time at N and 2N bytes per row.
   generate  cached generation vs. full recomputation (see bltjax.generate).
-  pipeline  host-side entropy patching throughput vs. what a training step consumes.
+  pipeline  how a pod is fed: entropy FLOPs share, host cores needed, host pipeline
+            bytes/s per core, start-up time and memory per process on a multi-GB corpus.
 
 These machines are noisy: each figure is a median over several timed steps, and ratios are taken
 between measurements interleaved in the same run.
@@ -288,62 +289,70 @@ def bench_generate():
         f"{(patches > 0).sum()} patches over {results[False][1].shape[1]} bytes")
 
 
-_CONFIG = flags.DEFINE_string("config", "experiments/8b.py", "pipeline: experiment config")
+_CONFIGS = flags.DEFINE_list("configs", ["experiments/8b.py", "experiments/1b.py"],
+                             "pipeline: experiment configs")
 _ROW_BYTES = flags.DEFINE_integer("row_bytes", 2048, "pipeline: bytes per measured row (the cost "
                                   "per byte does not depend on it beyond the 512-byte window)")
+_CORPUS_GB = flags.DEFINE_float("corpus_gb", 2.0, "pipeline: size of the synthetic corpus for "
+                                "the start-up measurement")
+# Chips per host of the accelerators the pipeline bench sizes for.
+_HOSTS = (("tpu v5p", 4), ("tpu v6e", 8), ("nvidia h100", 8))
 
 
 def _pipeline_worker():
-  """Child process pinned to one core: entropy patching bytes/s (the grain worker's job)."""
-  import os
+  """Child process pinned to one core: host entropy patching bytes/s (a grain worker's job)."""
   os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-  from bltjax import configs
+  from bltjax import configs, patcher
   from bltjax.model.config import EntropyModelConfig
   from bltjax.model.entropy_model import EntropyModel
-  c = configs.load(_CONFIG.value)
+  c = configs.load(_CONFIGS.value[0])
   ecfg = EntropyModelConfig.from_dict(dict(c.entropy_model.model.to_dict(),
                                            runtime=RuntimeConfig.for_inference("float32")))
   tokens, _, _ = real_batch(2, _ROW_BYTES.value)
-  unbox = lambda t: jax.tree.map(lambda x: x.unbox(), t, is_leaf=lambda x: hasattr(x, "unbox"))  # noqa
-  params = unbox(jax.jit(EntropyModel(ecfg).init)(jax.random.key(0), tokens)["params"])
-  pc = PatchingConfig("entropy", 1.335442066192627, None, False, None, None)
-  max_patches = max(2, _ROW_BYTES.value // 3)
   model = EntropyModel(ecfg)
-  from bltjax.model.entropy_model import entropies_from_logits
-  from bltjax.data.patcher import start_mask
-  from bltjax import patching as patching_lib
-  fn = jax.jit(lambda t: patching_lib.lengths_from_start_mask_fixed(
-      start_mask(t, entropies_from_logits(model.apply({"params": params}, t)), pc),
-      max_patches))
+  params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
+  params = jax.tree.map(lambda x: x.unbox(), params, is_leaf=lambda x: hasattr(x, "unbox"))
+  pc = PatchingConfig("entropy", 1.335442066192627, None, False, None, None)
+  ent = patcher.entropies_fn(model)
+  fn = jax.jit(lambda t: patching.cut_rows(t, ent(params, t), pc, max(2, _ROW_BYTES.value // 3)))
   jax.block_until_ready(fn(tokens))
   seconds = _median_time(lambda: jax.block_until_ready(fn(tokens)), 3)
   print(f"@{tokens.size / seconds}", flush=True)
 
 
 def bench_pipeline():
+  """How a pod is fed: the entropy model's share of the step's FLOPs (accelerator patching), the
+  host cores that host patching would need, and what the host pipeline without the model does
+  per core (read + pack + hash + batch), plus its start-up time and memory."""
   import subprocess
   import sys
-  from bltjax import configs, flops as flops_lib
-  c = configs.load(_CONFIG.value)
+  from bltjax import bench_data, configs, flops as flops_lib
   out = subprocess.run([sys.executable, "-m", "bltjax.bench", "_pipeline",
-                        f"--config={_CONFIG.value}", f"--row_bytes={_ROW_BYTES.value}"],
+                        f"--configs={_CONFIGS.value[0]}", f"--row_bytes={_ROW_BYTES.value}"],
                        check=True, capture_output=True, text=True).stdout
-  per_core = float([line for line in out.splitlines() if line.startswith("@")][0][1:])
-  cfg = configs.model_config(c)
-  fpb = flops_lib.blt_flops_per_byte(cfg, c.data.seq_len, 4.5)["total"]
-  ent = configs.model_config(configs.entropy_stage_config(c))
-  print(f"entropy patching on the host ({ent.transformer.n_layers} layers x "
-        f"{ent.transformer.dim}, window {ent.transformer.attn_window}, fp32, one CPU core): "
-        f"{per_core:,.0f} bytes/s per core")
-  for chip, chips_per_host in (("tpu v5p", 4), ("tpu v5e", 8), ("tpu v6e", 8),
-                               ("nvidia h100", 8)):
-    per_chip = 0.4 * flops_lib.PEAK_FLOPS[chip] / fpb
-    per_host = per_chip * chips_per_host
-    print(f"  {chip:12s} at 40% MFU the step consumes {per_chip:,.0f} bytes/s per chip, "
-          f"{per_host:,.0f} per host ({chips_per_host} chips): online patching needs "
-          f"{per_host / per_core:,.0f} host cores")
-  print("If that exceeds the host's cores, patch once offline (python -m bltjax.preprocess) and "
-        "train with --config.data.preprocessed_dir.")
+  patch_core = float([line for line in out.splitlines() if line.startswith("@")][0][1:])
+  first = configs.load(_CONFIGS.value[0])
+  host_core = bench_data.bench_host_pipeline(seq_len=first.data.seq_len)
+  print(f"\nper host CPU core: host entropy patching {patch_core:,.0f} bytes/s (the released "
+        f"100M model, fp32); host pipeline without the model (read + pack + hash + batch) "
+        f"{host_core:,.0f} bytes/s")
+  for path in _CONFIGS.value:
+    c = configs.load(path)
+    step_fpb = flops_lib.blt_flops_per_byte(configs.model_config(c), c.data.seq_len,
+                                            4.5)["total"]
+    ent_cfg = configs.model_config(configs.entropy_stage_config(c))
+    ent_fpb = flops_lib.lm_flops_per_byte(ent_cfg, c.data.seq_len, training=False)
+    print(f"\n{path}: step {step_fpb / 1e9:.2f} GFLOP/byte, entropy model forward "
+          f"{ent_fpb / 1e9:.3f} GFLOP/byte = {100 * ent_fpb / step_fpb:.1f}% of the step")
+    for chip, chips in _HOSTS:
+      # Accelerator patching adds the entropy model's FLOPs to the same chips.
+      per_host = 0.4 * flops_lib.PEAK_FLOPS[chip] / (step_fpb + ent_fpb) * chips
+      print(f"  {chip:12s} ({chips} chips/host) at 40% MFU: {per_host:,.0f} bytes/s per host; "
+            f"host patching would need {per_host / patch_core:,.0f} cores, accelerator patching "
+            f"{per_host / host_core:.2f} core(s) of input pipeline "
+            f"({host_core / per_host:.1f}x margin per core)")
+  print()
+  bench_data.bench_startup(corpus_gb=_CORPUS_GB.value)
 
 
 def main(argv):

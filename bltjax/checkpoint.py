@@ -2,7 +2,7 @@
 
 Layout: `WORKDIR/checkpoints/<step>/{state, data, config, meta}`. Saves are asynchronous; restores
 take an abstract target that carries the *current* mesh's shardings, so a run saved on 8 devices
-restores on 4 (or 1).
+restores on 4 (or 1). Every path may be local or gs:// (Orbax writes through epath and tensorstore).
 """
 
 import hashlib
@@ -13,16 +13,21 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+from bltjax import storage
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  """WORKDIR/checkpoints; local workdirs made absolute, gs:// URLs kept intact."""
+  return storage.join(storage.abspath(workdir), "checkpoints")
 
 
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` with the items bltjax saves."""
 
   def __init__(self, workdir: str, *, max_to_keep: int = 3):
+    storage.check_access(workdir, write=True)
     self.directory = checkpoint_dir(workdir)
     self.manager = ocp.CheckpointManager(
         self.directory,
@@ -69,15 +74,16 @@ def _handlers():
 
 def find_checkpoint(path: str) -> tuple[str, int]:
   """A training workdir, its checkpoints/ dir, or one step dir -> (checkpoints dir, step)."""
-  path = os.path.abspath(path)
-  for directory in (os.path.join(path, "checkpoints"), path, os.path.dirname(path)):
-    if not os.path.isdir(directory):
+  path = storage.abspath(path)
+  root = epath.Path(path)
+  for directory in (root / "checkpoints", root, root.parent):
+    if not directory.is_dir():
       continue
-    steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
-    if directory == os.path.dirname(path) and os.path.basename(path).isdigit():
-      return directory, int(os.path.basename(path))
+    if directory == root.parent and root.name.isdigit():
+      return os.fspath(directory), int(root.name)
+    steps = [int(d.name) for d in directory.iterdir() if d.name.isdigit()]
     if steps:
-      return directory, max(steps)
+      return os.fspath(directory), max(steps)
   raise FileNotFoundError(f"{path}: no Orbax checkpoint found (expected a training workdir with "
                           "checkpoints/<step>/)")
 
@@ -121,6 +127,7 @@ def save_params(directory: str, params, config: dict, meta: dict, step: int = 0)
   """A params-only checkpoint in the training layout (checkpoints/<step>/{state, config, meta}),
   so that everything that reads a training workdir (BLT.from_checkpoint, init_from, the patching
   entropy model) reads it too. No optimizer or data-iterator state."""
+  storage.check_access(directory, write=True)
   manager = ocp.CheckpointManager(
       checkpoint_dir(directory), options=ocp.CheckpointManagerOptions(create=True),
       item_handlers=dict(state=ocp.StandardCheckpointHandler(),
@@ -133,8 +140,12 @@ def save_params(directory: str, params, config: dict, meta: dict, step: int = 0)
 
 
 def resolve(base: str, path: str) -> str:
-  """Paths recorded in an exported directory are relative to it."""
-  return path if os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
+  """Paths recorded in an exported directory are relative to it (`base` local or gs://)."""
+  if os.path.isabs(path) or storage.is_remote(path):
+    return path
+  if storage.is_remote(base):
+    return storage.join(base, path)
+  return os.path.normpath(os.path.join(base, path))
 
 
 def restore_params(path: str, abstract_params):
@@ -176,4 +187,4 @@ def recorded_entropy_model(path: str) -> str | None:
   finally:
     manager.close()
   recorded = (meta.get("entropy_model") or {}).get("path")
-  return resolve(os.path.abspath(path), recorded) if recorded else None
+  return resolve(storage.abspath(path), recorded) if recorded else None

@@ -13,13 +13,18 @@ import os
 
 import ml_collections
 
+from bltjax.data import mixture as mixture_lib
 from bltjax.data.sources import SOURCES
 from bltjax.model.config import BLTConfig, EntropyModelConfig, PatchingConfig
 
 MODEL_TYPES = ("blt", "entropy_model")
+# Where patches are cut: in the input pipeline on the host CPUs, or on the accelerators one batch
+# ahead of the step (bltjax/patcher.py).
+PATCHING_PLACEMENTS = ("host", "accelerator")
 # Fields of the stage-1 data section taken from the BLT's data section: both stages read the same
 # documents (the paper's recipe).
-SHARED_DATA_FIELDS = ("source", "paths", "text_field", "eval_fraction", "shards")
+SHARED_DATA_FIELDS = ("source", "paths", "text_field", "eval_fraction", "shards", "mixture",
+                      "shuffle_window")
 
 
 def load(spec: str) -> ml_collections.ConfigDict:
@@ -56,6 +61,13 @@ def entropy_stage_config(config) -> ml_collections.ConfigDict:
   return stage
 
 
+def needs_entropy_stage(config) -> bool:
+  """Entropy patching with no entropy model given and no stored entropies: stage 1 trains one."""
+  p = config.patching
+  return (config.model_type == "blt" and p.mode == "entropy" and not p.entropy_model_checkpoint
+          and not config.data.preprocessed_dir)
+
+
 def _require(cond, message):
   if not cond:
     raise ValueError(f"invalid config: {message}")
@@ -75,6 +87,12 @@ def validate(config, num_devices: int | None):
            "(or set data.preprocessed_dir)")
   _require(d.seq_len >= 2, f"data.seq_len={d.seq_len} must be >= 2")
   _require(0 <= d.eval_fraction < 1, f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
+  _require(isinstance(d.shuffle_window, int) and d.shuffle_window >= 1,
+           f"data.shuffle_window={d.shuffle_window!r} must be an int >= 1")
+  try:  # data.mixture: each component's name, source, paths, weight and text_field
+    mixture_lib.components(d)
+  except ValueError as e:
+    _require(False, str(e))
 
   mesh = list(config.mesh.shape)
   _require(len(mesh) == 3, f"mesh.shape={tuple(mesh)} needs 3 entries (data, fsdp, tensor)")
@@ -119,10 +137,12 @@ def validate(config, num_devices: int | None):
              "patching.threshold is None: set it, or set patching.target_patch_size > 1 to "
              "calibrate it on held-out data")
     patching = patching_config(config, threshold=0.0 if auto else None)
+    _require(p.device in PATCHING_PLACEMENTS,
+             f"patching.device={p.device!r} must be one of {PATCHING_PLACEMENTS}")
     _require(2 <= p.max_patches <= d.seq_len + 1,
              f"patching.max_patches={p.max_patches} must be in [2, data.seq_len + 1 = "
              f"{d.seq_len + 1}]")
-    if patching.mode == "entropy" and not p.entropy_model_checkpoint:
+    if needs_entropy_stage(config):
       stage = entropy_stage_config(config)
       _require(stage.model_type == "entropy_model",
                "entropy_model.model_type must be 'entropy_model'")

@@ -14,14 +14,16 @@ from bltjax import xla_flags
 xla_flags.set_defaults()
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face BLT checkpoint directory.")
-_OUT = flags.DEFINE_string("out", None, "Output directory.")
+_OUT = flags.DEFINE_string("out", None, "Output directory (local or gs://).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
 
 
 def main(argv):
   del argv
-  from bltjax import BLT, logs
+  from bltjax import BLT, logs, storage
   logs.quiet_libraries()
+  storage.check_access(_HF_DIR.value)  # both fail here, before the model is loaded
+  storage.check_access(_OUT.value, write=True)
   BLT.from_hf(_HF_DIR.value).save(_OUT.value, format="orbax", dtype=_DTYPE.value)
   logging.info("converted %s -> %s", _HF_DIR.value, _OUT.value)
 

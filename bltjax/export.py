@@ -14,15 +14,17 @@ xla_flags.set_defaults()
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (latest checkpoint) or an "
                                "exported/converted directory.")
-_OUT = flags.DEFINE_string("out", None, "Output directory.")
+_OUT = flags.DEFINE_string("out", None, "Output directory (local or gs://).")
 _FORMAT = flags.DEFINE_enum("format", "orbax", ["orbax", "hf"], "Output format.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
 
 
 def main(argv):
   del argv
-  from bltjax import BLT, logs
+  from bltjax import BLT, logs, storage
   logs.quiet_libraries()
+  storage.check_access(_WORKDIR.value)  # both fail here, before the model is loaded
+  storage.check_access(_OUT.value, write=True)
   blt = BLT.from_checkpoint(_WORKDIR.value)
   blt.save(_OUT.value, format=_FORMAT.value, dtype=_DTYPE.value)
   logging.info("exported %s -> %s (%s, %s)", _WORKDIR.value, _OUT.value, _FORMAT.value,

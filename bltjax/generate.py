@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from bltjax import patching, tokenizer
-from bltjax.data.patcher import start_mask as packed_start_mask
 from bltjax.model.attention import empty_kv_cache
 from bltjax.model.blt import ByteLatentTransformer
 from bltjax.model.config import BLTConfig, EntropyModelConfig, PatchingConfig
@@ -63,7 +62,7 @@ class Sampling:
 
 def next_starts(pc: PatchingConfig, p, x_t, h_t, prev_h, space_t, prev_space, base_start):
   """Does position p = t+1 start a patch? The incremental form of the training rule
-  (`bltjax.data.patcher.start_mask`): each decision uses bytes and entropies up to t only.
+  (`bltjax.patching.row_start_mask`): each decision uses bytes and entropies up to t only.
   Returns (starts [B], new base_start [B])."""
   if pc.mode == "entropy":
     if pc.monotonic:
@@ -226,7 +225,7 @@ class Generator:
     if self.entropy_model is not None:
       entropies = entropies_from_logits(self.entropy_model.apply({"params": entropy_params},
                                                                  s.tokens))
-    mask = packed_start_mask(s.tokens, entropies, self.pc)  # [B, T + 1]
+    mask = patching.row_start_mask(s.tokens, entropies, self.pc)  # [B, T + 1]
     mask = mask | (jnp.arange(total + 1)[None, :] > t + 1)
     lengths, _ = patching.lengths_from_start_mask_fixed(mask, total + 1)
     logits = self.model.apply({"params": params}, s.tokens, lengths)
@@ -319,7 +318,7 @@ if __name__ == "__main__":
   from bltjax import xla_flags
   xla_flags.set_defaults()
   flags.DEFINE_string("checkpoint", None, "A training workdir, an exported model (python -m "
-                      "bltjax.export) or a Hugging Face BLT directory.")
+                      "bltjax.export) or a Hugging Face BLT directory; local or gs://.")
   flags.DEFINE_string("prompt", "", "Prompt text (an empty prompt generates from BOS).")
   flags.DEFINE_integer("max_new_bytes", 200, "Bytes to generate.")
   flags.DEFINE_float("temperature", 0.0, "0 = greedy.")

@@ -3,6 +3,8 @@
 The format is the one `BltForCausalLM.save_pretrained` writes and the released BLT-1B/7B
 conversions use. Reading needs neither torch nor transformers: tensors come from safetensors' numpy
 API (bf16 tensors, which numpy cannot name, are read from the file's byte offsets via ml_dtypes).
+Directories may be local or gs://: remote tensors are read by byte range from the file's header
+offsets (safe_open needs a local file), and files are written through epath.
 
 One table, `key_map`, lists every tensor: our parameter path, the HF name(s) (one per layer for
 scanned stacks) and whether the matrix is transposed (PyTorch Linear weights are [out, in]).
@@ -16,8 +18,10 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+from etils import epath
 from safetensors import safe_open
 
+from bltjax import storage
 from bltjax.model.config import (BLTConfig, EntropyModelConfig, PatchingConfig, RuntimeConfig,
                                  TransformerConfig)
 
@@ -101,40 +105,56 @@ class SafetensorsReader:
   """Lazy reader over `model.safetensors` or a sharded `model.safetensors.index.json`."""
 
   def __init__(self, directory: str):
-    index = os.path.join(directory, "model.safetensors.index.json")
-    single = os.path.join(directory, "model.safetensors")
-    if os.path.exists(index):
-      with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
-      self.files = {k: os.path.join(directory, v) for k, v in weight_map.items()}
-    elif os.path.exists(single):
-      with safe_open(single, framework="np") as f:
-        self.files = {k: single for k in f.keys()}
+    root = epath.Path(directory)
+    index, single = root / "model.safetensors.index.json", root / "model.safetensors"
+    self._headers: dict[str, tuple[int, dict]] = {}  # file -> (header length, header)
+    if index.exists():
+      weight_map = json.loads(index.read_text())["weight_map"]
+      self.files = {k: os.fspath(root / v) for k, v in weight_map.items()}
+    elif single.exists():
+      self.files = {k: os.fspath(single) for k in self._header(os.fspath(single))[1]
+                    if k != "__metadata__"}
     else:
       raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json")
 
   def names(self) -> set[str]:
     return set(self.files)
 
+  def _header(self, path: str) -> tuple[int, dict]:
+    if path not in self._headers:
+      with epath.Path(path).open("rb") as f:
+        header_len = struct.unpack("<Q", f.read(8))[0]
+        self._headers[path] = header_len, json.loads(f.read(header_len))
+    return self._headers[path]
+
   def get(self, name: str) -> np.ndarray:
     path = self.files[name]
+    if storage.is_remote(path):
+      return _read_raw(path, name, *self._header(path))
     with safe_open(path, framework="np") as f:
       try:
         return f.get_tensor(name)
       except TypeError:  # numpy has no bfloat16: read the raw bytes at the header's offsets.
-        return _read_raw(path, name)
+        return _read_raw(path, name, *self._header(path))
 
 
-def _read_raw(path: str, name: str) -> np.ndarray:
-  with open(path, "rb") as f:
-    header_len = struct.unpack("<Q", f.read(8))[0]
-    meta = json.loads(f.read(header_len))[name]
-    if meta["dtype"] != "BF16":
-      raise ValueError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
-    start, end = meta["data_offsets"]
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+           "BOOL": np.bool_}
+
+
+def _read_raw(path: str, name: str, header_len: int, header: dict) -> np.ndarray:
+  """One tensor read by byte range (local or remote, any dtype in _DTYPES)."""
+  meta = header[name]
+  if meta["dtype"] not in _DTYPES:
+    raise ValueError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
+  start, end = meta["data_offsets"]
+  with epath.Path(path).open("rb") as f:
     f.seek(8 + header_len + start)
     buf = f.read(end - start)
-  return np.frombuffer(buf, dtype=ml_dtypes.bfloat16).reshape(meta["shape"])
+  if len(buf) != end - start:
+    raise ValueError(f"{path}: truncated file (tensor {name} needs bytes {start}..{end})")
+  return np.frombuffer(buf, dtype=_DTYPES[meta["dtype"]]).reshape(meta["shape"])  # little-endian
 
 
 def _set(tree: dict, path: Path, value):
@@ -256,12 +276,11 @@ def configs_from_hf(hf: dict[str, Any], runtime: RuntimeConfig):
 
 
 def read_config(directory: str) -> dict:
-  path = os.path.join(directory, "config.json")
-  if not os.path.exists(path):
+  path = epath.Path(directory) / "config.json"
+  if not path.exists():
     raise FileNotFoundError(f"{directory}: no config.json (expected a Hugging Face BLT checkpoint "
                             "directory written by BltForCausalLM.save_pretrained)")
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -341,7 +360,7 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray]):
     blobs.append(data)
   raw = json.dumps(header, separators=(",", ":")).encode()
   raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned
-  with open(path, "wb") as f:
+  with epath.Path(path).open("wb") as f:  # streamed: gcsfs uploads in chunks
     f.write(struct.pack("<Q", len(raw)))
     f.write(raw)
     for data in blobs:
@@ -351,8 +370,10 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray]):
 def save_hf(directory: str, model: BLTConfig, params, patching: PatchingConfig,
             entropy: EntropyModelConfig | None = None, entropy_params=None, *,
             dtype=np.float32, max_context: int | None = None):
-  """Writes config.json + model.safetensors that `BltForCausalLM.from_pretrained` loads."""
-  os.makedirs(directory, exist_ok=True)
+  """Writes config.json + model.safetensors that `BltForCausalLM.from_pretrained` loads
+  (`directory` local or gs://)."""
+  storage.check_access(directory, write=True)
+  epath.Path(directory).mkdir(parents=True, exist_ok=True)
   cfg = config_to_hf(model, entropy, patching)
   cfg["torch_dtype"] = cfg["dtype"] = "bfloat16" if dtype == ml_dtypes.bfloat16 else "float32"
   if max_context is not None:
@@ -361,6 +382,5 @@ def save_hf(directory: str, model: BLTConfig, params, patching: PatchingConfig,
   tensors = params_to_hf(params, blt_key_map(model), dtype)
   if entropy is not None:
     tensors |= params_to_hf(entropy_params, entropy_key_map(entropy), dtype)
-  write_safetensors(os.path.join(directory, "model.safetensors"), tensors)
-  with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump(cfg, f, indent=2)
+  write_safetensors(storage.join(directory, "model.safetensors"), tensors)
+  (epath.Path(directory) / "config.json").write_text(json.dumps(cfg, indent=2))

@@ -15,14 +15,14 @@ xla_flags.set_defaults()  # before JAX initialises a backend
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from bltjax import distributed, logs  # noqa: E402
+from bltjax import distributed, logs, storage  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. experiments/debug.py or experiments/1b.py:tiny; "
     "override fields with --config.section.field=value.", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Where checkpoints, metrics.jsonl and TensorBoard events go (default: "
-    "workdir/<experiment name>). Re-running on the same workdir resumes.")
+    "workdir", None, "Where checkpoints, metrics.jsonl and TensorBoard events go, local or gs:// "
+    "(default: workdir/<experiment name>). Re-running on the same workdir resumes.")
 flags.mark_flag_as_required("config")
 
 
@@ -36,7 +36,7 @@ def main(argv):
   from bltjax import train  # after jax.distributed.initialize, before any other JAX use
   workdir = _WORKDIR.value or os.path.join(
       "workdir", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
-  logging.info("workdir: %s", os.path.abspath(workdir))
+  logging.info("workdir: %s", storage.abspath(workdir))  # gs:// URLs stay URLs
   try:
     train.run(_CONFIG.value, workdir)
   except train.Preempted as e:

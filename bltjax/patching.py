@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bltjax.tokenizer import BOS_ID, EOS_ID
+
 PATCHING_MODES = ("entropy", "space", "static", "byte")
 
 # Token ids (bytelatent/tokenizers/constants.py): byte b -> b + OFFSET.
@@ -255,6 +257,56 @@ def lengths_from_start_mask_fixed(start_mask_BxL, num_patches):
   total_B = pid_BxL[:, -1] + 1 if l else jnp.zeros((b,), jnp.int32)
   overflow_B = jnp.maximum(total_B - num_patches, 0)
   return lengths_BxP, overflow_B
+
+
+# ----------------------------------------------------------------------------
+# Packed rows: the rule training, preprocessing and generation all cut by.
+# ----------------------------------------------------------------------------
+
+
+def document_starts(tokens_BxN):
+  """bool [B, N+1]: the positions after a BOS or an EOS (a document's BOS always follows the
+  previous document's EOS). Position p depends only on byte p-1, so generation can apply the
+  same rule before byte p exists."""
+  xp = _xp(tokens_BxN)
+  b, _ = tokens_BxN.shape
+  ends = (tokens_BxN == BOS_ID) | (tokens_BxN == EOS_ID)
+  return xp.concatenate([xp.zeros((b, 1), bool), ends], axis=1)
+
+
+def row_start_mask(tokens_BxN, entropies_BxN, pc):
+  """Patch starts over N + 1 positions of packed rows (jittable; `pc` a PatchingConfig).
+
+  The configured mode, plus one rule that makes a packed row patch like the reference patches
+  each document on its own: positions 0 and 1 always start (the decoder needs a first patch of
+  length 1) and BOS and EOS each end a patch. Then the max-length split.
+  """
+  mask = start_mask(pc.mode, tokens=tokens_BxN, entropies=entropies_BxN,
+                    threshold=pc.threshold, threshold_add=pc.threshold_add,
+                    monotonic=pc.monotonic, patch_size=pc.patch_size)
+  first = jnp.arange(mask.shape[1]) < 2
+  mask = mask | first | document_starts(tokens_BxN)
+  return apply_max_patch_length(mask, pc.max_patch_length)
+
+
+def cut_rows(tokens_BxN, entropies_BxN, pc, max_patches):
+  """Packed rows -> (patch_lengths int32 [B, max_patches], overflow int32 [B]) (jittable).
+
+  `entropies_BxN` (nats, float32) is only read in entropy mode. Rows with more patches keep
+  the first max_patches - 1 and merge the rest into the last one (counted in `overflow`).
+  """
+  return lengths_from_start_mask_fixed(row_start_mask(tokens_BxN, entropies_BxN, pc),
+                                       max_patches)
+
+
+def calibrate_threshold(entropies, target_patch_size: float) -> float:
+  """Global threshold giving about `target_patch_size` bytes per patch on these entropies.
+
+  The reference ships no tool for this (facebookresearch/blt#106): a patch starts where
+  H[t-1] > threshold, so the threshold is the (1 - 1/target) quantile of the entropies.
+  """
+  values = np.asarray(entropies, np.float64).ravel()
+  return float(np.quantile(values, 1.0 - 1.0 / target_patch_size))
 
 
 # ----------------------------------------------------------------------------

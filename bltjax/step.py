@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bltjax import batch as batch_lib
 from bltjax import train_state as ts
 from bltjax.model.layers import constrain
 
@@ -27,7 +28,7 @@ def loss_sums(logits_BxNxV, targets_BxN, mask_BxN):
 
 def make_loss_fn(config, model):
   def loss_fn(params, batch):
-    logits = model.apply({"params": params}, *ts.model_inputs(config, batch))
+    logits = model.apply({"params": params}, *batch_lib.model_inputs(config, batch))
     return loss_sums(logits, batch["targets"], batch["mask"])
   return loss_fn
 

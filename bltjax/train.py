@@ -9,22 +9,22 @@ import functools
 import json
 import logging
 import math
-import os
 import time
 
+from etils import epath
 import jax
 import numpy as np
 
-from bltjax import checkpoint, configs, flops, metrics, optim, preemption, sharding
+from bltjax import batch as batch_lib
+from bltjax import checkpoint, configs, flops, metrics, optim, patcher, preemption, sharding
+from bltjax import storage
 from bltjax import step as step_lib
 from bltjax import train_state as ts
-from bltjax.data import pipeline
-from bltjax.data.patcher import EntropySpec, PatchBatch, calibrate_threshold
+from bltjax.data import pipeline, preprocessed
 from bltjax.data.prefetch import ThreadPrefetcher
 from bltjax.model.config import EntropyModelConfig
-from bltjax.model.entropy_model import EntropyModel, entropies_from_logits
 
-ENTROPY_STAGE_DIR = "entropy_model"
+ENTROPY_STAGE_DIR = patcher.ENTROPY_STAGE_DIR
 
 
 class Preempted(Exception):
@@ -38,15 +38,17 @@ def run(config, workdir: str, *, stop_at_step: int | None = None):
   e.g. the learning-rate schedule: re-running continues as if never interrupted.
   """
   configs.validate(config, jax.device_count())
+  check_paths(config, workdir)
   entropy_ckpt = None
-  if config.model_type == "blt" and config.patching.mode == "entropy":
+  if config.model_type == "blt" and config.patching.mode == "entropy" and \
+      not config.data.preprocessed_dir:  # stored entropies need no entropy model
     entropy_ckpt = config.patching.entropy_model_checkpoint
     if not entropy_ckpt and config.init_from:
       entropy_ckpt = checkpoint.recorded_entropy_model(config.init_from)
       if entropy_ckpt:
         logging.info("patching with the entropy model recorded in init_from: %s", entropy_ckpt)
     if not entropy_ckpt:
-      entropy_ckpt = os.path.join(workdir, ENTROPY_STAGE_DIR)
+      entropy_ckpt = storage.join(workdir, ENTROPY_STAGE_DIR)
       stage = configs.entropy_stage_config(config)
       logging.info("patching.mode='entropy' and no patching.entropy_model_checkpoint: training "
                    "the entropy model first (stage 1) in %s", entropy_ckpt)
@@ -55,49 +57,18 @@ def run(config, workdir: str, *, stop_at_step: int | None = None):
   return train_stage(config, workdir, entropy_checkpoint=entropy_ckpt, stop_at_step=stop_at_step)
 
 
-# -- patching setup --------------------------------------------------------------------------------
-
-
-def prepare_patching(config, entropy_checkpoint, resumed_meta: dict | None):
-  """(PatchBatch transform or None, metadata recorded in checkpoints)."""
-  if config.model_type != "blt":
-    return None, {}
-  p = config.patching
-  threshold, meta, entropy = p.threshold, {}, None
-  if p.mode == "entropy":
-    params, ent_config, _, ent_step = checkpoint.load_params(entropy_checkpoint)
-    entropy = EntropySpec(os.path.abspath(entropy_checkpoint), ent_config["model"])
-    meta["entropy_model"] = dict(path=entropy.checkpoint, step=ent_step,
-                                 sha256=checkpoint.params_hash(params))
-    if resumed_meta and resumed_meta.get("entropy_model") != meta["entropy_model"]:
-      raise ValueError(f"the checkpoint's patches were cut by entropy model "
-                       f"{resumed_meta.get('entropy_model')}, but this run would use "
-                       f"{meta['entropy_model']}")
-    if threshold is None:
-      threshold = (resumed_meta or {}).get("patching_threshold") or _calibrate(
-          config, EntropyModel(EntropyModelConfig.from_dict(entropy.model)), params,
-          p.target_patch_size)
-    meta["patching_threshold"] = threshold
-  hash_cfg = None
-  if config.data.host_hash_ids:
-    m = configs.model_config(config)
-    hash_cfg = dict(group_sizes=m.hash_group_sizes, num_functions=m.hash_functions,
-                    vocab=m.hash_vocab)
-  pc = configs.patching_config(config, threshold)
-  return PatchBatch(pc, p.max_patches, entropy, hash_cfg), meta
-
-
-def _calibrate(config, model, params, target: float) -> float:
-  """Threshold for `target` bytes per patch, from the entropy model on held-out windows."""
-  split = "eval" if config.data.eval_fraction > 0 else "train"
-  it = iter(pipeline.packed_windows(config.data, split, seed=config.seed, process_index=0,
-                                    process_count=1, shuffle=False))
-  tokens = np.stack([next(it)["tokens"] for _ in range(16)])
-  ent = jax.jit(lambda t: entropies_from_logits(model.apply({"params": params}, t)))(tokens)
-  threshold = calibrate_threshold(np.asarray(ent)[:, 1:], target)
-  logging.info("patching: calibrated global threshold %.4f nats for ~%.2f bytes per patch",
-               threshold, target)
-  return threshold
+def check_paths(config, workdir: str):
+  """Every path the run reads or writes, local or gs://, fails now with one line naming it
+  (missing path or bucket, no credentials) rather than deep inside a library later."""
+  storage.check_access(workdir, write=True)
+  d = config.data
+  reads = list(d.paths or ()) + [p for m in (d.mixture or ()) for p in m["paths"]]
+  reads += [config.init_from, d.preprocessed_dir]
+  if config.model_type == "blt":
+    reads.append(config.patching.entropy_model_checkpoint)
+  for path in reads:
+    if path:
+      storage.check_access(path)
 
 
 # -- one stage ------------------------------------------------------------------------------------
@@ -108,7 +79,7 @@ def train_stage(config, workdir: str, *, entropy_checkpoint: str | None = None,
   """Trains one model (BLT or entropy model) to `config.train.steps`, resuming if possible."""
   configs.validate(config, jax.device_count())
   t = config.train
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh.shape)
   model = ts.build_model(config)
   optimizer = optim.make_optimizer(config.optim, t.steps)
@@ -120,13 +91,25 @@ def train_stage(config, workdir: str, *, entropy_checkpoint: str | None = None,
     ckpt.close()
     return None
   resumed_meta = ckpt.metadata(start)[1] if start is not None else None
-  patch, meta = prepare_patching(config, entropy_checkpoint, resumed_meta)
+  stored = None  # rows that come with their entropies (python -m bltjax.preprocess)
+  if config.model_type == "blt" and config.data.preprocessed_dir:
+    stored = preprocessed.read_manifest(config.data.preprocessed_dir)
+  patching = patcher.setup(config, entropy_checkpoint, resumed_meta, stored=stored)
+  meta = patching.meta if patching else {}
+  host_patch = patching.host_transform() if patching else None
 
   local_batch = t.batch_size // jax.process_count()
-  batch_sh = ts.batch_shardings(config, mesh, t.batch_size)
+  step_spec = batch_lib.spec(config, t.batch_size)
+  batch_sh = batch_lib.shardings(mesh, step_spec)
+  # What the host sends: without patch_lengths when the devices cut them.
+  input_spec = batch_lib.input_spec(config, t.batch_size, with_entropies=stored is not None)
+  device_patcher = None
+  if batch_lib.device_patching(config):
+    device_patcher = patcher.DevicePatcher(patching, mesh, input_spec)
+  feed = _Feed(batch_lib.shardings(mesh, input_spec), device_patcher)
   # Started before compiling, so that worker start-up and the first batches overlap compilation.
   train_it = ThreadPrefetcher(
-      iter(pipeline.make_dataset(config, "train", local_batch_size=local_batch, patch=patch)),
+      iter(pipeline.make_dataset(config, "train", local_batch_size=local_batch, patch=host_patch)),
       _host_stats, buffer_size=config.data.prefetch)
   if start is not None:
     state, train_it = ckpt.restore(start, abstract, train_it)
@@ -139,8 +122,8 @@ def train_stage(config, workdir: str, *, entropy_checkpoint: str | None = None,
     state = ts.init_state(config, model, optimizer, mesh, state_sh, config.seed)
     start = 0
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config.to_dict(), f, indent=2, default=str)
+    (epath.Path(workdir) / "config.json").write_text(
+        json.dumps(config.to_dict(), indent=2, default=str))
   logging.info("%s: %s with %.2fM parameters on mesh %s", workdir, config.model_type,
                ts.param_count(state.params) / 1e6, dict(mesh.shape))
 
@@ -155,16 +138,19 @@ def train_stage(config, workdir: str, *, entropy_checkpoint: str | None = None,
                           lr_fn=optim.lr_schedule(config.optim, t.steps),
                           microbatches=t.microbatches),
         in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
-        donate_argnums=0).lower(abstract, ts.batch_spec(config, t.batch_size)).compile()
+        donate_argnums=0).lower(abstract, step_spec).compile()
     logging.info("Compiled the train step in %.1fs", time.perf_counter() - t0)
     eval_fn = None
     if t.eval_batches:
       eval_fn = jax.jit(functools.partial(step_lib.eval_step, loss_fn=loss_fn),
                         in_shardings=(state_sh.params, batch_sh),
                         out_shardings=sharding.replicated(mesh)).lower(
-                            abstract.params, ts.batch_spec(config, t.batch_size)).compile()
-  evaluator = Evaluator(config, eval_fn, patch, local_batch, batch_sh)
-  loop = _Loop(config, workdir, ckpt, meta, state, train_it, train_fn, evaluator, batch_sh)
+                            abstract.params, step_spec).compile()
+  evaluator = Evaluator(config, eval_fn, host_patch, local_batch, feed)
+  loop = _Loop(config, workdir, ckpt, meta, state, train_it, train_fn, evaluator, feed)
+  if device_patcher is not None and patching.entropy is not None:
+    # The entropy model's forward pass now runs on the same chips: MFU counts it (bltjax.flops).
+    loop.entropy_cfg = EntropyModelConfig.from_dict(patching.entropy.model)
   end = t.steps if stop_at_step is None else min(stop_at_step, t.steps)
   state = loop.run(start, end)
   if loop.preempted:
@@ -172,46 +158,81 @@ def train_stage(config, workdir: str, *, entropy_checkpoint: str | None = None,
   return state
 
 
-class Evaluator:
-  """Held-out bits per byte over the first `train.eval_batches` batches of the eval split."""
+class _Feed:
+  """Local host batch -> the global batch the step reads: sharded arrays, then (accelerator
+  patching) patch_lengths cut on the devices. Patch statistics come back as device scalars,
+  fetched with the step's metrics one step late."""
 
-  def __init__(self, config, eval_fn, patch, local_batch, batch_sh):
-    self.config, self.eval_fn, self.batch_sh = config, eval_fn, batch_sh
+  def __init__(self, input_shardings, device_patcher):
+    self.input_shardings, self.device_patcher = input_shardings, device_patcher
+
+  def __call__(self, local) -> tuple[dict, dict]:
+    device = batch_lib.to_global(local, self.input_shardings)
+    if self.device_patcher is None:
+      return device, {}
+    return self.device_patcher(device)
+
+
+class _DataState:
+  """The input pipeline's position at one moment, in the form grain's Orbax handler saves: the
+  loop fetches (and patches) the next batch before it checkpoints the previous step."""
+
+  def __init__(self, state: bytes):
+    self._state = state
+
+  def get_state(self) -> bytes:
+    return self._state
+
+
+class Evaluator:
+  """Held-out bits per byte over the first `train.eval_batches` batches of the eval split; with a
+  data mixture, also per named source (`eval_bpb/<name>`)."""
+
+  def __init__(self, config, eval_fn, patch, local_batch, feed):
+    self.config, self.eval_fn, self.feed = config, eval_fn, feed
     self._batches = None
     self._patch, self._local_batch = patch, local_batch
 
   def _load(self):
-    ds = pipeline.make_dataset(self.config, "eval", local_batch_size=self._local_batch,
-                               patch=self._patch, num_workers=0)
-    it = iter(ds)
-    # The same batches every time: fetched once and kept (they are small).
-    self._batches = [next(it) for _ in range(self.config.train.eval_batches)]
+    names = pipeline.source_names(self.config.data)
+    self._batches = {}
+    for name in names:
+      ds = pipeline.make_dataset(self.config, "eval", local_batch_size=self._local_batch,
+                                 patch=self._patch, num_workers=0,
+                                 source=name if len(names) > 1 else None)
+      it = iter(ds)
+      # The same batches every time: fetched once and kept (they are small).
+      self._batches[name] = [next(it) for _ in range(self.config.train.eval_batches)]
 
   def __call__(self, params) -> dict:
     if not self.config.train.eval_batches:
       return {}
     if self._batches is None:
       self._load()
-    ce = count = 0.0
-    for local in self._batches:
-      device = pipeline.global_batch(local, self.batch_sh)
-      out = jax.device_get(self.eval_fn(params, device))
-      ce, count = ce + float(out["ce_sum"]), count + float(out["target_bytes"])
-    return dict(eval_loss=ce / count, eval_bpb=ce / count / math.log(2.0))
+    out, ce_all, count_all = {}, 0.0, 0.0
+    for name, batches in self._batches.items():
+      sums = [self.eval_fn(params, self.feed(local)[0]) for local in batches]
+      sums = jax.device_get(sums)
+      ce = sum(float(x["ce_sum"]) for x in sums)
+      count = sum(float(x["target_bytes"]) for x in sums)
+      if len(self._batches) > 1:
+        out[f"eval_bpb/{name}"] = ce / count / math.log(2.0)
+      ce_all, count_all = ce_all + ce, count_all + count
+    return dict(eval_loss=ce_all / count_all, eval_bpb=ce_all / count_all / math.log(2.0)) | out
 
 
 class _Loop:
-  """The step loop: dispatch step s+1, then fetch step s's metrics (one step late).
+  """The step loop: dispatch step s, fetch and dispatch the next batch (and its patching), then
+  fetch step s-1's metrics (one step late).
 
   Throughput is measured between the completions of logged steps (a metrics fetch returns when
   its step is done), so asynchronous dispatch does not distort it; evaluation time is excluded.
   """
 
-  def __init__(self, config, workdir, ckpt, meta, state, train_it, train_fn, evaluator,
-               batch_sh):
+  def __init__(self, config, workdir, ckpt, meta, state, train_it, train_fn, evaluator, feed):
     self.config, self.workdir, self.ckpt, self.meta = config, workdir, ckpt, meta
     self.state, self.train_it, self.train_fn = state, train_it, train_fn
-    self.evaluator, self.batch_sh = evaluator, batch_sh
+    self.evaluator, self.feed = evaluator, feed
     desc = "entropy model" if config.model_type == "entropy_model" else "BLT"
     self.model_cfg = configs.model_config(config)
     self.peak = flops.device_peak_flops(jax.devices()[0], self.model_cfg.runtime.dtype)
@@ -220,6 +241,7 @@ class _Loop:
     self.window = self._new_window()
     self.t_done = time.perf_counter()
     self.preemption, self.preempted = preemption.PreemptionGuard(), False
+    self.entropy_cfg = None  # set when the entropy model runs on the accelerators
 
   @staticmethod
   def _new_window():
@@ -234,9 +256,13 @@ class _Loop:
       self.t_done = time.perf_counter()
       for s in range(start, end):
         self.state, step_metrics = self.train_fn(self.state, device)
+        # Where the input pipeline stands after this step's batch: what its checkpoint records.
+        data_state = _DataState(self.train_it.get_state())
         self.window["bytes"] += stats.pop("target_bytes")
         self.window["stats"].append(stats)
         done = s + 1
+        if done < end:  # Patching of the next batch is queued behind this step.
+          device, stats = self._next()
         if pending is not None:  # The previous logged step: fetch it now that `done` is queued.
           self._log(*pending)
           pending = None
@@ -244,17 +270,15 @@ class _Loop:
           pending, self.window = (done, step_metrics, self.window), self._new_window()
         if self.preemption.should_stop(done):
           logging.warning("preempted: checkpointing step %d and stopping", done)
-          self._save(done)
+          pending = self._save(done, data_state, pending)
           self.ckpt.wait()
           self.preempted = True
           break
         if done % t.checkpoint_every == 0 or done == end:
-          self._save(done)
+          pending = self._save(done, data_state, pending)
         if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
           self._evaluate(done, pending)
           pending = None
-        if done < end:
-          device, stats = self._next()
       if pending is not None:
         self._log(*pending)
     finally:
@@ -265,8 +289,15 @@ class _Loop:
       self.progress.close()
     return self.state
 
-  def _save(self, step):
-    self.ckpt.save(step, self.state, self.train_it, self.config.to_dict(), self.meta)
+  def _save(self, step, data_state, pending):
+    """Checkpoints `step`; returns the new `pending` (None). The metrics up to it are written first: a resumed run re-logs only
+    the steps after its checkpoint, so they must be durable (remote workdirs upload them in the
+    background). Orbax waits for this step's arrays anyway, so logging it now costs no wait."""
+    if pending is not None:
+      self._log(*pending)
+    self.writer.flush()
+    self.ckpt.save(step, self.state, data_state, self.config.to_dict(), self.meta)
+    return None  # nothing pending any more
 
   def _evaluate(self, step, pending):
     if pending is not None:
@@ -280,19 +311,21 @@ class _Loop:
     self.window["excluded"] += time.perf_counter() - t0
 
   def _next(self):
-    """(global batch, host stats). Only the wait for the input pipeline counts as data wait; the
-    host-to-device transfer is not (on CPU it queues behind the running step)."""
+    """(global batch, stats). Only the wait for the input pipeline counts as data wait; the
+    host-to-device transfer and device patching do not (they queue behind the running step)."""
     t0 = time.perf_counter()
     local, stats = next(self.train_it)
     self.window["data"] += time.perf_counter() - t0
-    return pipeline.global_batch(local, self.batch_sh), stats
+    device, device_stats = self.feed(local)
+    return device, stats | device_stats
 
   def _throughput(self, values) -> dict:
     """FLOPs per byte (bltjax.flops, with this window's mean patch size), per-device FLOP/s
     and bytes/s, and MFU against the device's peak."""
     n = self.config.data.seq_len
     if self.config.model_type == "blt":
-      fpb = flops.blt_flops_per_byte(self.model_cfg, n, values["bytes_per_patch"])["total"]
+      fpb = flops.blt_flops_per_byte(self.model_cfg, n, values["bytes_per_patch"],
+                                     entropy=self.entropy_cfg)["total"]
     else:
       fpb = flops.lm_flops_per_byte(self.model_cfg, n)
     per_device = values["bytes_per_sec"] / jax.device_count()
@@ -300,15 +333,16 @@ class _Loop:
                 flops_per_sec_per_device=fpb * per_device, mfu=fpb * per_device / self.peak)
 
   def _log(self, step, device_metrics, window):
-    values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    # Step metrics and device-side patch statistics: one fetch, one step late.
+    device_metrics, stats = jax.device_get((device_metrics, window["stats"]))
+    values = {k: float(v) for k, v in device_metrics.items()}
     now = time.perf_counter()  # `step` has completed: its metrics are on the host.
     elapsed = max(now - self.t_done - window["excluded"], 1e-9)
     self.t_done = now
     values |= dict(bytes_per_sec=window["bytes"] / elapsed,
                    data_wait_fraction=min(window["data"] / elapsed, 1.0))
-    stats = window["stats"]
     for key in stats[0] if stats else ():
-      vals = [x[key] for x in stats]
+      vals = [float(x[key]) for x in stats]
       values[key] = float(np.mean(vals)) if key == "bytes_per_patch" else float(np.sum(vals))
     values |= self._throughput(values)
     self.writer.write(step, values)
@@ -317,6 +351,6 @@ class _Loop:
 
 def _host_stats(local):
   """In the prefetch thread: the batch plus its host-side statistics for the logs."""
-  stats = pipeline.host_stats(local)
+  stats = batch_lib.host_stats(local)
   stats["target_bytes"] = float(local["mask"].sum()) * jax.process_count()
   return local, stats

@@ -1,4 +1,4 @@
-"""Train state, batch layout and sharded initialisation (never materialising unsharded state).
+"""Train state and sharded initialisation (never materialising unsharded state).
 
 eval_shape(init) -> logical partition specs -> NamedShardings -> jit(init, out_shardings). The same
 abstract, sharded state drives initialisation, checkpoint restore and compile-only checks.
@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bltjax import batch as batch_lib
 from bltjax import configs, sharding
 from bltjax.model.blt import ByteLatentTransformer
 from bltjax.model.entropy_model import EntropyModel
@@ -30,41 +31,10 @@ def build_model(config) -> nn.Module:
   return ByteLatentTransformer(cfg) if config.model_type == "blt" else EntropyModel(cfg)
 
 
-def batch_spec(config, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes of one (global) batch as produced by the data pipeline.
-
-  tokens/targets/mask: [B, N]; BLT adds patch_lengths [B, P] (rows sum to N + 1) and, when the
-  pipeline computes them on the host, hash_ids [B, N, T].
-  """
-  n = config.data.seq_len
-  spec = dict(tokens=jax.ShapeDtypeStruct((batch_size, n), jnp.int32),
-              targets=jax.ShapeDtypeStruct((batch_size, n), jnp.int32),
-              mask=jax.ShapeDtypeStruct((batch_size, n), jnp.float32))
-  if config.model_type == "blt":
-    spec["patch_lengths"] = jax.ShapeDtypeStruct((batch_size, config.patching.max_patches),
-                                                 jnp.int32)
-    if config.data.host_hash_ids:
-      cfg = configs.model_config(config)
-      spec["hash_ids"] = jax.ShapeDtypeStruct((batch_size, n, cfg.num_hash_tables), jnp.int32)
-  return spec
-
-
-def model_inputs(config, batch) -> tuple:
-  if config.model_type == "blt":
-    return batch["tokens"], batch["patch_lengths"], batch.get("hash_ids")
-  return (batch["tokens"],)
-
-
-def _example_inputs(config):
-  spec = batch_spec(config, 1)
-  dummy = {k: jnp.ones(v.shape, v.dtype) for k, v in spec.items()}
-  return model_inputs(config, dummy)
-
-
 def make_init_fn(config, model, optimizer: optax.GradientTransformation):
   """rng -> boxed TrainState (params and optimizer state keep their logical-axis boxes)."""
   def init(rng):
-    params = model.init(rng, *_example_inputs(config))["params"]
+    params = model.init(rng, *batch_lib.example_inputs(config))["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=optimizer.init(params))
   return init
@@ -88,11 +58,6 @@ def init_state(config, model, optimizer, mesh, shardings, seed: int):
   with sharding.mesh_context(mesh):
     return jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=shardings)(
         jax.random.key(seed))
-
-
-def batch_shardings(config, mesh, batch_size: int):
-  return {k: sharding.batch_sharding(mesh, len(v.shape))
-          for k, v in batch_spec(config, batch_size).items()}
 
 
 def param_count(params) -> int:

@@ -58,11 +58,16 @@ def get_config(arg=None):
       patch_size=placeholder(int),
       max_patch_length=placeholder(int),
       max_patches=4096,             # per row: 16384 bytes at ~4.5 bytes/patch need ~3640
+      device="accelerator",         # where patches are cut: "host" | "accelerator"
+                                    # (the entropy model runs on the mesh, one batch ahead)
       entropy_model_checkpoint=placeholder(str))  # None: stage 1 trains experiments/entropy_model
   c.data = dict(
       source="stdlib",          # replace with your corpus
       paths=(),
       text_field="text",
+      mixture=(),               # weighted sources (dicts: name, source, paths, weight, text_field);
+                                # () = the single source above. Weights are shares of bytes.
+      shuffle_window=1024,      # jsonl/parquet: documents shuffled within windows of this many
       seq_len=16384,            # bytes per row
       eval_fraction=0.001,
       shards=0,                 # data shards (0: one per process)

@@ -72,12 +72,17 @@ def get_config(arg=None):
       patch_size=placeholder(int),        # static mode only
       max_patch_length=placeholder(int),  # split longer patches (None: no limit)
       max_patches=256,        # patches per row (fixed shape); surplus merged and counted
+      device="host",          # where patches are cut: "host" | "accelerator"
+                              # (on CPU: the input workers patch while the step runs)
       entropy_model_checkpoint=placeholder(str))  # None: stage 1 trains one into WORKDIR/entropy_model
 
   c.data = dict(
       source="stdlib",        # the running Python's standard library: no download needed
       paths=(),               # files/globs for the text/jsonl/parquet/arrayrecord sources
       text_field="text",      # JSON field / Parquet column with the document text
+      mixture=(),             # weighted sources, e.g. (dict(name="web", source="jsonl", paths=(...),
+                              # weight=0.7, text_field="text"), ...); () = the source above
+      shuffle_window=1024,    # jsonl/parquet: documents shuffled within windows of this many
       seq_len=384,            # N bytes per row (+1 for the targets)
       eval_fraction=0.02,     # documents held out (by hashed path) for evaluation
       shards=0,               # data shards (0: one per process); fixing it makes the batches

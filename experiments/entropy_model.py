@@ -40,6 +40,9 @@ def get_config(arg=None):
       source="stdlib",         # replace with your corpus (jsonl/parquet/arrayrecord/text)
       paths=(),                # globs for file sources
       text_field="text",       # JSON field / Parquet column
+      mixture=(),              # weighted sources (dicts: name, source, paths, weight, text_field);
+                               # () = the single source above. Weights are shares of bytes.
+      shuffle_window=1024,     # jsonl/parquet: documents shuffled within windows of this many
       seq_len=8192,            # bytes per row (reference: seq_len = max_encoder_seq_length = 8192)
       eval_fraction=0.001,     # held-out documents
       shards=0,                # data shards (0: one per process)

@@ -8,6 +8,13 @@
 #       launch/tpu_pod.sh run --config=experiments/8b.py --config.data.source=arrayrecord \
 #       --config.data.paths="('gs://bucket/data/*.arrayrecord',)"
 #
+# Offline entropies on the same slice (every host runs the entropy model on its own chips and
+# writes its own shards; re-running finishes the missing ones):
+#   TPU_NAME=my-v5p-256 ZONE=us-east5-a MODULE=bltjax.preprocess WORKDIR=gs://bucket/runs/8b \
+#       launch/tpu_pod.sh run --config=experiments/8b.py --out=gs://bucket/data/8b_entropies \
+#       --num_training_processes=64 ...
+# (WORKDIR is optional there: the run whose stage-1 entropy model is used.)
+#
 # `run` starts the same command on all workers (--worker=all); JAX finds the other hosts itself
 # (jax.distributed.initialize() on a TPU VM needs no arguments). Re-running `run` resumes from the
 # latest checkpoint in WORKDIR. Check the memory first from any machine:
@@ -26,10 +33,13 @@ case "${1:-}" in
       python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[tpu]'" ;;
   run)
     shift
-    : "${WORKDIR:?set WORKDIR (a gs:// path shared by all workers)}"
+    module=${MODULE:-bltjax.main}
+    if [[ "$module" == bltjax.main ]]; then
+      : "${WORKDIR:?set WORKDIR (a gs:// path shared by all workers)}"
+    fi
     args=$(printf "%q " "$@")
     ssh_all "cd bltjax && . .venv/bin/activate && \
-      python -m bltjax.main --workdir=$WORKDIR $args 2>&1 | tee -a ~/bltjax.log" ;;
+      python -m $module ${WORKDIR:+--workdir=$WORKDIR} $args 2>&1 | tee -a ~/bltjax.log" ;;
   *)
-    echo "usage: $0 {create|setup|run [main flags]}" >&2; exit 2 ;;
+    echo "usage: $0 {create|setup|run [flags of \$MODULE, default bltjax.main]}" >&2; exit 2 ;;
 esac

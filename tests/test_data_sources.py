@@ -1,18 +1,17 @@
-"""Random-access document sources, the held-out split and DocumentToTokens."""
+"""Random-access document sources, path globbing, the held-out split and DocumentToTokens
+(streamed JSONL/Parquet: tests/test_streaming.py)."""
 
-import json
+import glob
 import os
 import pickle
 
 from array_record.python import array_record_module
 import grain
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from bltjax import tokenizer
-from bltjax.data import sources
+from bltjax.data import paths, sources
 from bltjax.data.sources import Document
 
 
@@ -47,95 +46,36 @@ def test_text_files_source(tmp_path):
   os.symlink(tmp_path / "missing", tmp_path / "a" / "broken.txt")
   (tmp_path / "other.md").write_bytes(b"not matched")
   src = sources.TextFilesSource([str(tmp_path / "a" / "**" / "*.txt")])
+  a = tmp_path / "a"
+  # Nothing is stat'ed while listing: empty and unreadable files are flagged when read.
   assert [src.key(i) for i in range(len(src))] == [
-      str(tmp_path / "a" / "b" / "two.txt"), str(tmp_path / "a" / "one.txt")]
-  assert src[0] == Document(b"two\x00\xff", None) and src[1] == Document(b"one", None)
-  assert src.index_stats == {"unreadable_files": 1, "empty_files": 1, "blank_lines": 0}
-
-  (tmp_path / "a" / "one.txt").unlink()  # Unreadable after indexing.
-  assert src[1] == Document(b"", "unreadable")
+      str(a / "b" / "empty.txt"), str(a / "b" / "two.txt"), str(a / "broken.txt"),
+      str(a / "one.txt")]
+  assert [src[i] for i in range(len(src))] == [
+      Document(b"", "empty"), Document(b"two\x00\xff", None), Document(b"", "unreadable"),
+      Document(b"one", None)]
+  (a / "one.txt").unlink()  # Unreadable after listing.
+  assert src[3] == Document(b"", "unreadable")
 
   pattern = str(tmp_path / "nothing" / "*.txt")
   with pytest.raises(ValueError, match="nothing"):
-    sources.TextFilesSource([str(tmp_path / "a" / "*.txt"), pattern])
+    sources.TextFilesSource([str(a / "*.txt"), pattern])
 
 
-def write_jsonl(path, lines):
-  path.write_text("".join(line + "\n" for line in lines))
-
-
-def test_jsonl_source(tmp_path):
-  write_jsonl(tmp_path / "a.jsonl", [
-      json.dumps({"text": "héllo", "id": 1}),
-      "",
-      "{not json",
-      json.dumps({"body": "no text field"}),
-      json.dumps({"text": 5}),
-      json.dumps({"text": ""}),
-      json.dumps(["a", "list"]),
-      "   ",
-      json.dumps({"text": "\udcff"}),  # Lone surrogate: the tokenizer maps it to byte 0xff.
-  ])
-  write_jsonl(tmp_path / "b.jsonl", [json.dumps({"text": "second file"})])
-  src = sources.JsonlSource(str(tmp_path / "*.jsonl"))
-  assert len(src) == 8
-  assert src.index_stats == {"unreadable_files": 0, "empty_files": 0, "blank_lines": 2}
-  assert [src[i] for i in range(len(src))] == [
-      Document("héllo".encode(), None),
-      Document(b"", "malformed"),
-      Document(b"", "malformed"),
-      Document(b"", "malformed"),
-      Document(b"", "empty"),
-      Document(b"", "malformed"),
-      Document(b"\xff", None),
-      Document(b"second file", None),
-  ]
-  assert src.key(0) == f"{tmp_path / 'a.jsonl'}:1"
-  assert src.key(1) == f"{tmp_path / 'a.jsonl'}:3"
-  assert src.key(7) == f"{tmp_path / 'b.jsonl'}:1"
-
-  custom = sources.JsonlSource([str(tmp_path / "a.jsonl")], text_field="body")
-  assert custom[2] == Document(b"no text field", None)
-  assert custom[0] == Document(b"", "malformed")
-
-
-def test_jsonl_empty_file_counted(tmp_path):
-  (tmp_path / "empty.jsonl").write_bytes(b"")
-  write_jsonl(tmp_path / "full.jsonl", [json.dumps({"text": "x"})])
-  src = sources.JsonlSource(str(tmp_path / "*.jsonl"))
-  assert len(src) == 1 and src.index_stats["empty_files"] == 1
-
-
-def write_parquet(tmp_path):
-  pq.write_table(pa.table({"text": ["a", None, "ccc", "", "e"], "n": list(range(5))}),
-                 tmp_path / "0.parquet", row_group_size=2)
-  pq.write_table(pa.table({"text": ["f", "gg", "h"]}), tmp_path / "1.parquet", row_group_size=1)
-
-
-def test_parquet_source(tmp_path):
-  write_parquet(tmp_path)
-  src = sources.ParquetSource(str(tmp_path / "*.parquet"))
-  assert len(src) == 8
-  assert [src[i] for i in range(len(src))] == [
-      Document(b"a", None), Document(b"", "empty"), Document(b"ccc", None),
-      Document(b"", "empty"), Document(b"e", None), Document(b"f", None),
-      Document(b"gg", None), Document(b"h", None)]
-  assert src.key(4) == f"{tmp_path / '0.parquet'}:4"
-  assert src.key(6) == f"{tmp_path / '1.parquet'}:1"
-  assert src[3] == Document(b"", "empty")  # Random access after sequential reads.
-  assert src[0] == Document(b"a", None)
-
-
-def test_parquet_bytes_column_and_errors(tmp_path):
-  pq.write_table(pa.table({"body": pa.array([b"\xff\x00", b"ok"], pa.binary())}),
-                 tmp_path / "b.parquet")
-  src = sources.ParquetSource(str(tmp_path / "b.parquet"), text_column="body")
-  assert src[0] == Document(b"\xff\x00", None) and src[1] == Document(b"ok", None)
-  with pytest.raises(ValueError, match=r"b\.parquet.*'text'.*\['body'\]"):
-    sources.ParquetSource(str(tmp_path / "b.parquet"))
-  pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
-  with pytest.raises(ValueError, match="ints.parquet.*int64"):
-    sources.ParquetSource(str(tmp_path / "ints.parquet"))
+def test_expand_follows_glob(tmp_path):
+  for rel in ("x.txt", "d/y.txt", "d/e/z.txt", "d/.hidden.txt", ".h/w.txt", "d/e/n.md"):
+    (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / rel).write_text(rel)
+  (tmp_path / "dir.txt").mkdir()  # A directory whose name matches: not a file, not listed.
+  for pattern in ("**/*.txt", "*.txt", "d/*.txt", "d/**", "*/e/*", "**", "d/e/z.txt", "?.txt",
+                  "d/[xyz]*"):
+    expected = sorted(p for p in glob.glob(str(tmp_path / pattern), recursive=True)
+                      if not os.path.isdir(p))
+    assert paths.expand(str(tmp_path / pattern)) == expected, pattern
+  with pytest.raises(ValueError, match="matched no files"):
+    paths.expand([str(tmp_path / "x.txt"), str(tmp_path / "none" / "*.txt")])
+  with pytest.raises(ValueError, match="matched no files"):
+    paths.expand(str(tmp_path / "d"))  # A literal directory is no file.
 
 
 def write_arrayrecord(path, records):
@@ -148,30 +88,28 @@ def write_arrayrecord(path, records):
 def test_arrayrecord_source(tmp_path):
   write_arrayrecord(tmp_path / "0.arrayrecord", [b"first", b"", b"\xff\x00"])
   write_arrayrecord(tmp_path / "1.arrayrecord", [b"fourth"])
-  src = sources.ArrayRecordSource(str(tmp_path / "*.arrayrecord"))
+  src = sources.build_source("arrayrecord", str(tmp_path / "*.arrayrecord"))
   assert [src[i] for i in range(len(src))] == [
       Document(b"first", None), Document(b"", "empty"), Document(b"\xff\x00", None),
       Document(b"fourth", None)]
   assert src.key(3) == f"{tmp_path / '1.arrayrecord'}:0"
+  one = sources.ArrayRecordSource([str(tmp_path / "1.arrayrecord")])  # a shard's files only
+  assert len(one) == 1 and one[0] == Document(b"fourth", None)
   (tmp_path / "junk.arrayrecord").write_bytes(b"junk")
   with pytest.raises(ValueError, match="junk.arrayrecord"):
-    sources.ArrayRecordSource(str(tmp_path / "junk.arrayrecord"))
+    sources.ArrayRecordSource([str(tmp_path / "junk.arrayrecord")])
 
 
 def test_sources_pickle(tmp_path, stdlib):
   (tmp_path / "t.txt").write_bytes(b"text")
-  write_jsonl(tmp_path / "j.jsonl", [json.dumps({"text": "json"})])
-  write_parquet(tmp_path)
   write_arrayrecord(tmp_path / "r.arrayrecord", [b"record"])
   built = [
       stdlib,
       sources.build_source("text", [str(tmp_path / "*.txt")]),
-      sources.build_source("jsonl", [str(tmp_path / "*.jsonl")]),
-      sources.build_source("parquet", [str(tmp_path / "*.parquet")]),
       sources.build_source("arrayrecord", [str(tmp_path / "*.arrayrecord")]),
   ]
   for src in built:
-    first = src[0]  # Fills caches/readers, which must not be pickled.
+    first = src[0]  # Fills readers, which must not be pickled.
     copy = pickle.loads(pickle.dumps(src))
     assert len(copy) == len(src) and copy.key(0) == src.key(0)
     assert copy[0] == first and copy.index_stats == src.index_stats
@@ -187,6 +125,8 @@ def test_build_source_errors():
     sources.build_source("stdlib", ["x"])
   with pytest.raises(ValueError, match="text_field"):
     sources.build_source("text", ["x"], text_field="body")
+  with pytest.raises(ValueError, match="streamed"):
+    sources.build_source("jsonl", ["x"])
 
 
 class KeySource:
@@ -222,7 +162,7 @@ def test_split_indices():
 def test_split_indices_tiny_sources():
   train, evals = sources.split_indices(KeySource(3), 1e-9)
   assert len(evals) == 1 and len(train) == 2
-  hashes = [sources._key_hash(f"doc-{i}") for i in range(3)]
+  hashes = [sources.key_hash(f"doc-{i}") for i in range(3)]
   assert evals[0] == int(np.argmin(hashes))
   train, evals = sources.split_indices(KeySource(2), 0.999999)
   assert len(evals) == 1 and len(train) == 1
@@ -261,8 +201,9 @@ def test_document_to_tokens():
 
 
 def test_grain_pipeline(tmp_path):
-  write_jsonl(tmp_path / "d.jsonl", [json.dumps({"text": "ab"}), json.dumps({"text": "c"})])
-  src = sources.build_source("jsonl", [str(tmp_path / "d.jsonl")])
+  (tmp_path / "a.txt").write_bytes(b"ab")
+  (tmp_path / "b.txt").write_bytes(b"c")
+  src = sources.build_source("text", [str(tmp_path / "*.txt")])
   ds = grain.MapDataset.source(src).map(sources.DocumentToTokens())
   assert len(ds) == 2
   np.testing.assert_array_equal(ds[0]["tokens"], tokenizer.encode(b"ab"))

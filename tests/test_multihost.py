@@ -1,5 +1,5 @@
 """Two processes on this machine (CPU devices, localhost coordinator) train like one process with
-the same global batch and mesh."""
+the same global batch and mesh, patching on the accelerators (here: the global CPU mesh)."""
 
 import os
 import subprocess
@@ -17,7 +17,9 @@ DEBUG = os.path.join(REPO, "experiments", "debug.py")
 def _cmd(workdir, *extra):
   return [sys.executable, "-m", "bltjax.main", f"--config={DEBUG}:tiny", f"--workdir={workdir}",
           "--config.data.shards=2", "--config.train.steps=4", "--config.train.log_every=1",
-          "--config.entropy_model.train.steps=2", *extra]
+          "--config.entropy_model.train.steps=2",
+          # The entropy model patches on the global mesh, across both processes.
+          "--config.patching.device=accelerator", *extra]
 
 
 def _env(devices):

@@ -3,6 +3,7 @@ sharding coverage on a 256-device mesh, FLOP accounting, and compile-only memory
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, AxisType
 
+from bltjax import batch as batch_lib
 from bltjax import configs, flops, hf, optim, sharding, train_state as ts
 from bltjax.model.config import PatchingConfig
 
@@ -45,9 +47,9 @@ def load(name):
 
 def abstract_params(config):
   model = ts.build_model(config)
-  spec = ts.batch_spec(config, 1)
+  spec = batch_lib.spec(config, 1)
   dummy = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in spec.items()}
-  return jax.eval_shape(lambda b: model.init(jax.random.key(0), *ts.model_inputs(config, b)),
+  return jax.eval_shape(lambda b: model.init(jax.random.key(0), *batch_lib.model_inputs(config, b)),
                         dummy)["params"]
 
 
@@ -143,6 +145,12 @@ def test_compile_only_check_on_fake_devices():
   assert r["error"] is None and r["total"] < r["hbm"]
   assert r["involuntary_remat"] == 0
   assert r["arguments"] > 0 and r["flops_per_step"] > 0 and r["step_time"] > 0
+  assert r["patching"] is None  # debug.py patches on the host
+  c.patching.device = "accelerator"  # the entropy model compiled next to the step, same mesh
+  p = aot.compile_report(c, "a100x8", mfu=0.4, bytes_per_patch=4.0)["patching"]
+  assert p["error"] is None and p["arguments"] > 0 and p["temporaries"] > 0
+  assert p["flops_per_byte"] == flops.lm_flops_per_byte(
+      configs.model_config(configs.entropy_stage_config(c)), c.data.seq_len, training=False)
 
 
 HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -157,3 +165,7 @@ def test_compile_only_check_for_tpu_pods(name, topology):
                        capture_output=True, text=True, cwd=REPO)
   assert res.returncode == 0, res.stdout + res.stderr[-2000:]
   assert ": fits" in res.stdout and "involuntary full rematerializations: 0" in res.stdout
+  # Accelerator patching compiles next to the step, and both together keep >= 20% of HBM free.
+  assert "accelerator patching (entropy model + cut" in res.stdout
+  headroom = int(re.search(r"step \+ patching: .* headroom (\d+)%", res.stdout).group(1))
+  assert headroom >= 20, res.stdout

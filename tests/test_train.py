@@ -13,7 +13,8 @@ import numpy as np
 import optax
 import pytest
 
-from bltjax import checkpoint, configs, metrics, optim, sharding, step as step_lib, train
+from bltjax import batch as batch_lib
+from bltjax import checkpoint, configs, metrics, optim, patcher, sharding, step as step_lib, train
 from bltjax import train_state as ts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,7 +83,7 @@ def _one_step(cfg, mesh, batch, microbatches, opt=None):
   fn = functools.partial(step_lib.train_step, loss_fn=step_lib.make_loss_fn(cfg, model),
                          optimizer=opt, lr_fn=optim.lr_schedule(cfg.optim, 10),
                          microbatches=microbatches)
-  bsh = ts.batch_shardings(cfg, mesh, len(batch["tokens"]))
+  bsh = batch_lib.shardings(mesh, batch_lib.spec(cfg, len(batch["tokens"])))
   with sharding.mesh_context(mesh):
     step = jax.jit(fn, in_shardings=(sh, bsh), out_shardings=(sh, sharding.replicated(mesh)))
     for _ in range(2):
@@ -97,7 +98,7 @@ def _random_batch(cfg, rows):
   tokens = tokens.astype(np.int32)
   mask = np.ones((rows, n), np.float32)
   mask[1, n // 2:] = 0  # padding in one row: the loss normalises by real target bytes
-  patch, _ = train.prepare_patching(cfg, None, None)
+  patch = patcher.setup(cfg, None, None).host_transform()
   lengths = patch.map(dict(tokens=tokens[:, :-1]))["patch_lengths"]
   return dict(tokens=tokens[:, :-1], targets=tokens[:, 1:], mask=mask, patch_lengths=lengths)
 

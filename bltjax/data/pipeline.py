@@ -1,18 +1,20 @@
 """The grain input pipeline: documents -> packed byte windows -> patches -> local batches.
 
-    source -> held-out split -> shard by process -> shuffle (seeded, per epoch) -> tokenize
-    (BOS/EOS per document) -> concat-then-split into windows of N + 1 bytes (documents kept whole
-    across the stream, boundaries marked by BOS/EOS) -> x = w[:-1], y = w[1:] -> batch ->
+    per source (data.source, or each data.mixture component), per data shard:
+      documents of the shard's split (random access: held-out split, [shard::shards], seeded
+      shuffle per epoch; streamed JSONL/Parquet: the shard's files in a seeded order, split on
+      the fly, shuffled within windows) -> tokenize (BOS/EOS per document) -> concat-then-split
+      into windows of N + 1 bytes (documents kept whole across the stream) -> x = w[:-1],
+      y = w[1:]
+    -> mix the sources' windows by weight -> batch -> concatenate the shards' batches ->
     patching (entropy model / space / static / byte) -> multiprocess prefetch.
 
-Everything here is host numpy; `global_batch` turns a local batch into sharded global arrays.
-Iterators are grain `DatasetIterator`s whose state goes into the Orbax checkpoint.
+A shard reads only its own files (JSONL, Parquet, ArrayRecord: files[shard::shards]; stdlib and
+text: its documents of the listed files). Everything here is host numpy (`bltjax.batch` says what
+a batch holds). Iterators are grain `DatasetIterator`s whose state goes into the Orbax checkpoint.
 """
 
 import functools
-import glob
-import io
-import json
 import logging
 import os
 
@@ -20,14 +22,12 @@ import grain
 import jax
 import numpy as np
 
-from bltjax.data import sources
-from bltjax.data.patcher import PatchBatch
+from bltjax.data import mixture, paths as paths_lib, preprocessed, sources, streams
 
-# Keys that go to the device; the others are host-side statistics for the logs.
-DEVICE_KEYS = ("tokens", "targets", "mask", "patch_lengths", "hash_ids")
-FLAG_NAMES = ("invalid_utf8_docs", "nul_docs", "empty_docs", "unreadable_docs")
 _FLAG_BITS = (sources.FLAG_INVALID_UTF8, sources.FLAG_NUL, sources.FLAG_EMPTY,
               sources.FLAG_UNREADABLE)
+
+source_names = mixture.source_names
 
 
 class Subset:
@@ -46,6 +46,28 @@ class Subset:
     return f"Subset({self.source!r}, {len(self)} documents)"
 
 
+class SplitView:
+  """Random-access view of `source` whose documents outside `split` read as None (skipped by
+  grain), decided by key hash before reading: no per-document index."""
+
+  def __init__(self, source, split: str, eval_fraction: float):
+    self.source, self.eval_fraction = source, eval_fraction
+    self._want_eval = split == "eval"
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    if sources.held_out(self.source.key(i), self.eval_fraction) != self._want_eval:
+      return None
+    return self.source[i]
+
+  def first(self) -> int | None:
+    """The first document of the split (expected after ~1/fraction keys), or None."""
+    return next((i for i in range(len(self)) if sources.held_out(
+        self.source.key(i), self.eval_fraction) == self._want_eval), None)
+
+
 class WindowToExample(grain.transforms.Map):
   """A packed window of N + 1 ids -> inputs, targets, loss mask and per-row document flags."""
 
@@ -58,48 +80,103 @@ class WindowToExample(grain.transforms.Map):
 
 
 @functools.lru_cache(maxsize=8)
-def _indexed_source(kind, paths, text_field, eval_fraction):
-  """Sources are indexed (and their exclusions logged) once per process."""
-  source = sources.build_source(kind, paths, text_field)
+def _listed_source(kind, paths, eval_fraction, cwd):
+  """stdlib/text: the file list and its held-out split, once per process (hashes of the paths
+  only; files are read when their documents are). `cwd` keys relative paths."""
+  del cwd
+  source = sources.build_source(kind, paths)
   return source, sources.split_indices(source, eval_fraction)
 
 
-def document_split(data_cfg, split: str):
-  """The documents of `split` ('train' or 'eval') as a random-access source."""
-  source, (train_idx, eval_idx) = _indexed_source(
-      data_cfg.source, tuple(data_cfg.paths or ()), data_cfg.text_field, data_cfg.eval_fraction)
-  idx = train_idx if split == "train" else eval_idx
-  logging.info("data: %s split of %r: %d of %d documents", split, source, len(idx), len(source))
-  if not len(idx):
-    raise ValueError(f"data: the {split} split of {source!r} has no documents "
-                     f"(data.eval_fraction={data_cfg.eval_fraction})")
-  return Subset(source, idx)
+def _shard_files(comp, data_cfg, shard: int, shards: int) -> list[str]:
+  files = paths_lib.expand(comp.paths)
+  mine = files[shard::shards]
+  if not mine:
+    raise ValueError(f"data: shard {shard} of {shards} gets no file of source {comp.name!r}: "
+                     f"its paths match {len(files)} file(s), fewer than the {shards} data shards "
+                     f"(data.shards={data_cfg.shards}; 0 = one per process); split the corpus "
+                     "into more files or use fewer shards")
+  return mine
+
+
+def _documents(comp, data_cfg, split, *, seed, shard, shards, shuffle, num_epochs):
+  """Shard `shard`'s documents of `split` of one source: a MapDataset (random access) or an
+  IterDataset (streamed) of `Document`s."""
+  name = f"{comp.name} shard {shard}/{shards}"
+  if comp.source in sources.STREAMED:  # shuffles and repeats itself
+    return streams.DocumentStream(
+        comp.source, _shard_files(comp, data_cfg, shard, shards), text_field=comp.text_field,
+        split=split, eval_fraction=data_cfg.eval_fraction, seed=seed, shard=shard,
+        shuffle=shuffle, window=data_cfg.shuffle_window, num_epochs=num_epochs, name=name)
+  if comp.source == "arrayrecord":
+    view = SplitView(sources.ArrayRecordSource(_shard_files(comp, data_cfg, shard, shards)),
+                     split, data_cfg.eval_fraction)
+    if view.first() is None:
+      raise ValueError(f"data: {name} has no {split} documents among its {len(view)} records "
+                       f"(data.eval_fraction={data_cfg.eval_fraction})")
+    ds = grain.MapDataset.source(view)
+  else:
+    source, (train_idx, eval_idx) = _listed_source(comp.source, comp.paths,
+                                                   data_cfg.eval_fraction, os.getcwd())
+    idx = train_idx if split == "train" else eval_idx
+    logging.info("data: %s split of %r: %d of %d documents", split, source, len(idx),
+                 len(source))
+    if not len(idx):
+      raise ValueError(f"data: the {split} split of {source!r} has no documents "
+                       f"(data.eval_fraction={data_cfg.eval_fraction})")
+    ds = grain.MapDataset.source(Subset(source, idx))[shard::shards]
+    if not len(ds):
+      raise ValueError(f"data: shard {shard} of {shards} gets no {split} documents "
+                       f"({len(idx)} in total)")
+  if shuffle:
+    ds = ds.seed(seed).shuffle()
+  return ds.repeat(num_epochs)
+
+
+def _one_source(data_cfg, source):
+  comps = mixture.select(data_cfg, source)
+  if len(comps) != 1:
+    raise ValueError(f"data.mixture has {len(comps)} sources: name one "
+                     f"({mixture.source_names(data_cfg)})")
+  return comps[0]
 
 
 def tokenized_documents(data_cfg, split: str, *, seed: int, process_index: int,
-                        process_count: int, shuffle: bool, num_epochs: int | None = None):
-  """MapDataset of this process's tokenized documents, shuffled per epoch (None: forever)."""
-  docs = document_split(data_cfg, split)
-  ds = grain.MapDataset.source(docs)[process_index::process_count]
-  if not len(ds):
-    raise ValueError(f"data: process {process_index} of {process_count} gets no {split} "
-                     f"documents ({len(docs)} in total)")
-  if shuffle:
-    ds = ds.seed(seed).shuffle()
-  return ds.repeat(num_epochs).map(sources.DocumentToTokens())
+                        process_count: int, shuffle: bool, num_epochs: int | None = None,
+                        source: str | None = None):
+  """Data shard `process_index` of `process_count`'s tokenized documents of one source (a
+  MapDataset for stdlib/text/arrayrecord, an IterDataset for jsonl/parquet), shuffled per epoch
+  (num_epochs None: forever)."""
+  comp = _one_source(data_cfg, source)
+  docs = _documents(comp, data_cfg, split, seed=seed, shard=process_index, shards=process_count,
+                    shuffle=shuffle, num_epochs=num_epochs)
+  return docs.map(sources.DocumentToTokens())
+
+
+def _windows(comp, data_cfg, split, **kw):
+  docs = _documents(comp, data_cfg, split, **kw).map(sources.DocumentToTokens())
+  if isinstance(docs, grain.MapDataset):
+    docs = docs.to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.read_threads,
+                                                  prefetch_buffer_size=data_cfg.read_buffer))
+  n = data_cfg.seq_len + 1
+  it = grain.experimental.ConcatThenSplitIterDataset(
+      docs, length_struct={"tokens": n, "doc_flags": n})
+  return it.map(WindowToExample())
 
 
 def packed_windows(data_cfg, split: str, *, seed: int, process_index: int, process_count: int,
-                   shuffle: bool, num_epochs: int | None = None):
-  """IterDataset of single examples (windows of data.seq_len bytes + targets)."""
-  ds = tokenized_documents(data_cfg, split, seed=seed, process_index=process_index,
-                           process_count=process_count, shuffle=shuffle, num_epochs=num_epochs)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.read_threads,
-                                            prefetch_buffer_size=data_cfg.read_buffer))
-  n = data_cfg.seq_len + 1
-  it = grain.experimental.ConcatThenSplitIterDataset(
-      it, length_struct={"tokens": n, "doc_flags": n})
-  return it.map(WindowToExample())
+                   shuffle: bool, num_epochs: int | None = None, source: str | None = None):
+  """IterDataset of single examples (windows of data.seq_len bytes + targets) of data shard
+  `process_index` of `process_count`: of source `source`, or of every source mixed by weight
+  (a finite mixture ends when its first source does)."""
+  comps = mixture.select(data_cfg, source)
+  kw = dict(seed=seed, shard=process_index, shards=process_count, shuffle=shuffle,
+            num_epochs=num_epochs)
+  if len(comps) == 1:
+    return _windows(comps[0], data_cfg, split, **kw)
+  # Keyed by name: a checkpoint restores each source's position by name.
+  return grain.IterDataset.mix({c.name: _windows(c, data_cfg, split, **kw) for c in comps},
+                               {c.name: c.weight for c in comps})
 
 
 class _ConcatBatchesIterator(grain.DatasetIterator):
@@ -133,17 +210,19 @@ def data_shards(data_cfg, process_index: int, process_count: int) -> list[int]:
   return list(range(process_index * per, (process_index + 1) * per))
 
 
-def make_dataset(config, split: str, *, local_batch_size: int, patch: PatchBatch | None,
+def make_dataset(config, split: str, *, local_batch_size: int, patch=None,
                  process_index: int | None = None, process_count: int | None = None,
-                 num_workers: int | None = None, num_epochs: int | None = None):
-  """The full pipeline for one process: an IterDataset of local batches (numpy dicts)."""
+                 num_workers: int | None = None, num_epochs: int | None = None,
+                 source: str | None = None):
+  """The full pipeline for one process: an IterDataset of local batches (numpy dicts); of one
+  data.mixture component when `source` names it (per-source evaluation)."""
   d = config.data
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   if d.preprocessed_dir:
-    it = preprocessed_rows(d.preprocessed_dir, split, config, process_index=process_index,
-                           process_count=process_count)
-    it = it.batch(local_batch_size, drop_remainder=True)
+    it = preprocessed.batches(config, split, local_batch_size=local_batch_size,
+                              process_index=process_index, process_count=process_count,
+                              source=source)
   else:
     shards = data_shards(d, process_index, process_count)
     if local_batch_size % len(shards):
@@ -151,95 +230,14 @@ def make_dataset(config, split: str, *, local_batch_size: int, patch: PatchBatch
                        f"this process's {len(shards)} data shards")
     total = d.shards or process_count
     parts = [packed_windows(d, split, seed=config.seed, process_index=s, process_count=total,
-                            shuffle=split == "train", num_epochs=num_epochs)
+                            shuffle=split == "train", num_epochs=num_epochs, source=source)
              .batch(local_batch_size // len(shards), drop_remainder=num_epochs is None)
              for s in shards]
     it = parts[0] if len(parts) == 1 else ConcatBatches(parts)
-    if patch is not None:
-      it = it.map(patch)
+  if patch is not None:  # host patching (and/or host hash ids): bltjax.patcher.PatchBatch
+    it = it.map(patch)
   workers = d.num_workers if num_workers is None else num_workers
   if workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                      per_worker_buffer_size=d.worker_buffer))
   return it
-
-
-def global_batch(local, batch_shardings):
-  """Local numpy batch -> dict of global jax.Arrays (the keys the step reads)."""
-  return {k: jax.make_array_from_process_local_data(batch_shardings[k], local[k])
-          for k in DEVICE_KEYS if k in local and k in batch_shardings}
-
-
-def host_stats(local) -> dict:
-  """Per-batch statistics computed on the host (no device sync): bytes per patch, flags."""
-  stats = {name: int(c) for name, c in zip(FLAG_NAMES, local["doc_flag_counts"].sum(axis=0))}
-  if "patch_lengths" in local:
-    real = local["mask"].sum() + local["mask"].shape[0]  # N real bytes + the next byte, per row
-    stats["bytes_per_patch"] = float(real / max(np.count_nonzero(local["patch_lengths"]), 1))
-    stats["patch_overflow"] = int(local["patch_overflow"].sum())
-  return stats
-
-
-# -- offline preprocessing ------------------------------------------------------------------------
-
-_META = "preprocessed.json"
-
-
-def _rows_file(directory, split, process_index, process_count):
-  return os.path.join(directory, f"{split}.process_{process_index}-of-{process_count}.arrayrecord")
-
-
-def write_rows(directory, split, batches, *, process_index, process_count, num_rows):
-  """Writes the first `num_rows` rows of `batches` (local batch dicts) in order."""
-  from array_record.python.array_record_module import ArrayRecordWriter
-  os.makedirs(directory, exist_ok=True)
-  writer = ArrayRecordWriter(_rows_file(directory, split, process_index, process_count),
-                             "group_size:1")
-  written = 0
-  try:
-    for batch in batches:
-      for r in range(len(batch["tokens"])):
-        if written == num_rows:
-          return written
-        buf = io.BytesIO()
-        np.savez(buf, **{k: v[r] for k, v in batch.items()})
-        writer.write(buf.getvalue())
-        written += 1
-  finally:
-    writer.close()
-  return written
-
-
-def write_meta(directory, meta: dict):
-  with open(os.path.join(directory, _META), "w") as f:
-    json.dump(meta, f, indent=2, sort_keys=True)
-
-
-def read_meta(directory) -> dict:
-  path = os.path.join(directory, _META)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"data.preprocessed_dir={directory}: no {_META} (write it with "
-                            "python -m bltjax.preprocess)")
-  with open(path) as f:
-    return json.load(f)
-
-
-class _DecodeRow(grain.transforms.Map):
-  def map(self, record):
-    with np.load(io.BytesIO(record)) as z:
-      return {k: z[k] for k in z.files}
-
-
-def preprocessed_rows(directory, split, config, *, process_index, process_count):
-  meta = read_meta(directory)
-  expect = dict(seq_len=config.data.seq_len, max_patches=config.patching.max_patches,
-                process_count=process_count)
-  for key, value in expect.items():
-    if meta.get(key) != value:
-      raise ValueError(f"data.preprocessed_dir={directory} was written with {key}="
-                       f"{meta.get(key)}, but this run has {key}={value}")
-  path = _rows_file(directory, split, process_index, process_count)
-  if not glob.glob(path):
-    raise FileNotFoundError(f"{path} does not exist")
-  src = grain.sources.ArrayRecordDataSource([path])
-  return grain.MapDataset.source(src).repeat().map(_DecodeRow()).to_iter_dataset()
