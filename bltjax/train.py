@@ -38,6 +38,7 @@ def run(config, workdir: str, *, stop_at_step: int | None = None):
   e.g. the learning-rate schedule: re-running continues as if never interrupted.
   """
   configs.validate(config, jax.device_count())
+  pipeline.data_shards(config.data, jax.process_index(), jax.process_count())  # fails early
   check_paths(config, workdir)
   entropy_ckpt = None
   if config.model_type == "blt" and config.patching.mode == "entropy" and \

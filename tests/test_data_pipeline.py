@@ -3,6 +3,10 @@ shards make the same global batches on any number of processes, weighted mixture
 
 import json
 
+import os
+import pathlib
+import tempfile
+
 import ml_collections
 import numpy as np
 import pytest
@@ -12,13 +16,22 @@ from bltjax.data import mixture, pipeline, sources
 
 
 @pytest.fixture
-def corpus(tmp_path):
+def corpus():
+  """23 small documents at a fixed path. Documents are held out by a hash of their path, so a
+  corpus under pytest's numbered tmp_path would split differently on every run (and now and then
+  leave a data shard without held-out documents)."""
+  root = pathlib.Path(tempfile.gettempdir()) / f"bltjax-test-corpus-{os.getuid()}"
+  root.mkdir(exist_ok=True)
   rng = np.random.default_rng(0)
   for i in range(23):
     n = int(rng.integers(0, 300))
     data = bytes(rng.integers(0, 256, n, dtype=np.uint8)) if i % 3 else b"x" * n
-    (tmp_path / f"doc{i:02d}.txt").write_bytes(data)
-  return tmp_path
+    path = root / f"doc{i:02d}.txt"
+    if not path.exists() or path.read_bytes() != data:
+      tmp = root / f".doc{i:02d}.{os.getpid()}.tmp"
+      tmp.write_bytes(data)
+      os.replace(tmp, path)  # atomic: a concurrent run never reads half a file
+  return root
 
 
 def data_cfg(corpus, seq_len=64, **kw):
@@ -234,3 +247,13 @@ def test_arrayrecord_shards_read_their_files(tmp_path, monkeypatch):
   held = sorted(t for t in seen["train"] + seen["eval"]
                 if sources.held_out(f"{t.split(':')[0]}.arrayrecord:{t.split(':')[1]}", 0.25))
   assert sorted(seen["eval"]) == held
+
+
+def test_shards_must_divide_across_processes():
+  d = ml_collections.ConfigDict(dict(shards=3))
+  assert pipeline.data_shards(d, 1, 3) == [1]
+  d.shards = 4
+  assert pipeline.data_shards(d, 1, 2) == [2, 3]
+  d.shards = 3
+  with pytest.raises(ValueError, match="data.shards=3 is not a multiple of the 2 processes"):
+    pipeline.data_shards(d, 0, 2)

@@ -28,7 +28,7 @@ def _env(devices):
   return env
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_two_processes_match_one(tmp_path):
   """launch/local_multiprocess.sh (2 processes x 2 devices) vs one process with 4 devices."""
   one = str(tmp_path / "one")
