@@ -291,9 +291,10 @@ class _Loop:
     return self.state
 
   def _save(self, step, data_state, pending):
-    """Checkpoints `step`; returns the new `pending` (None). The metrics up to it are written first: a resumed run re-logs only
-    the steps after its checkpoint, so they must be durable (remote workdirs upload them in the
-    background). Orbax waits for this step's arrays anyway, so logging it now costs no wait."""
+    """Checkpoints `step`; returns the new `pending` (None). The metrics up to it are written
+    first: a resumed run re-logs only the steps after its checkpoint, so they must be durable
+    (remote workdirs upload them in the background). Orbax waits for this step's arrays anyway,
+    so logging it now costs no wait."""
     if pending is not None:
       self._log(*pending)
     self.writer.flush()
