@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import logging
 import multiprocessing
-import os
 
 import grain
 import jax
@@ -25,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bltjax import batch as batch_lib
-from bltjax import configs, patching, sharding
+from bltjax import configs, patching, sharding, storage
 from bltjax.model import hashing
 from bltjax.model.config import EntropyModelConfig, PatchingConfig
 from bltjax.model.entropy_model import EntropyModel, entropies_from_logits
@@ -92,7 +91,7 @@ def setup(config, entropy_checkpoint: str | None, resumed_meta: dict | None,
       meta["entropy_model"] = stored["entropy_model"]
     else:
       params, ent_config, _, ent_step = checkpoint.load_params(entropy_checkpoint)
-      entropy = EntropySpec(_absolute(entropy_checkpoint), ent_config["model"])
+      entropy = EntropySpec(storage.abspath(entropy_checkpoint), ent_config["model"])
       meta["entropy_model"] = dict(path=entropy.checkpoint, step=ent_step,
                                    sha256=checkpoint.params_hash(params))
     if resumed_meta and resumed_meta.get("entropy_model") != meta["entropy_model"]:
@@ -129,11 +128,6 @@ def _held_out_entropies(config, spec: EntropySpec, params) -> np.ndarray:
   tokens = np.stack([next(it)["tokens"] for _ in range(CALIBRATION_ROWS)])
   model = EntropyModel(EntropyModelConfig.from_dict(spec.model))
   return np.asarray(jax.jit(entropies_fn(model))(params, tokens))
-
-
-def _absolute(path: str) -> str:
-  """Local paths are recorded absolute; URLs (gs://...) as given."""
-  return str(path) if "://" in str(path) else os.path.abspath(path)
 
 
 def _in_worker() -> bool:
