@@ -1,4 +1,6 @@
-"""Patching: turn bytes (or their entropies) into patch lengths.
+"""Patching: turn bytes (or their entropies) into patch lengths. The one home of the rule:
+training (host or accelerator), preprocessing and generation all cut patches with
+`row_start_mask` / `cut_rows` below; `bltjax.patcher` only decides who runs them, and where.
 
 Follows Meta's reference (`bytelatent/data/patcher.py`, see
 docs/blt-reference.md §2). Every mode first builds a boolean start mask over
