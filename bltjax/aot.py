@@ -47,7 +47,7 @@ def _prepare_environment(topology: str):
 if __name__ == "__main__":
   _prepare_environment(_topology_arg(sys.argv))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 
@@ -139,7 +139,8 @@ def compile_report(config, topology: str, mfu: float, bytes_per_patch: float) ->
            for k, v in spec.items()}
   step = functools.partial(step_lib.train_step, loss_fn=step_lib.make_loss_fn(config, model),
                            optimizer=optimizer, lr_fn=optim.lr_schedule(config.optim, t.steps),
-                           microbatches=t.microbatches)
+                           microbatches=t.microbatches, loss_spike_factor=t.loss_spike_factor,
+                           loss_spike_window=t.loss_spike_window)
   report = dict(topology=topology, devices=len(devices), mesh=dict(mesh.shape), hbm=hbm)
   with sharding.mesh_context(mesh), _CaptureStderr() as log:
     lowered = jax.jit(step, in_shardings=(state_sh, batch_sh),
@@ -257,6 +258,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from bltjax import cli
   _define_flags()
   flags.mark_flags_as_required(["config", "topology"])
-  app.run(main)
+  cli.run(main)  # errors as one line (--verbose: traceback), exit 1

@@ -13,8 +13,9 @@ patching.max_patches, T = hash tables):
   entropies      f32   [B, N]    rows read from preprocessed entropies: what the patching reads
                                  instead of running the entropy model (not a step input)
 
-Host-only statistics (never sent to the devices): doc_flag_counts int32 [B, 4] (documents
-flagged per row, `FLAG_NAMES`) and patch_overflow int32 [B] (host patching).
+Host-only statistics (never sent to the devices): doc_flag_counts int32 [B, F] (documents
+flagged per row, column i named `FLAG_NAMES[i]`: the table in `bltjax.data.flags`) and
+patch_overflow int32 [B] (host patching).
 """
 
 import jax
@@ -22,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from bltjax import configs, sharding
+from bltjax.data import flags
 
-FLAG_NAMES = ("invalid_utf8_docs", "nul_docs", "empty_docs", "unreadable_docs")
+FLAG_NAMES = flags.NAMES  # metric names of the doc_flag_counts columns
 # Keys a device may read; everything else in a local batch stays on the host.
 DEVICE_KEYS = ("tokens", "targets", "mask", "patch_lengths", "hash_ids", "entropies")
 

@@ -99,7 +99,7 @@ class JaxStep:
     self.fn = jax.jit(functools.partial(step_lib.train_step, loss_fn=loss_fn, optimizer=opt,
                                         lr_fn=lambda s: 1e-4, microbatches=1), donate_argnums=0)
     self.state = ts.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                               opt_state=opt.init(params))
+                               opt_state=opt.init(params), guard=ts.new_guard())
     self.batch = dict(tokens=jnp.asarray(tokens), targets=jnp.asarray(targets),
                       mask=jnp.ones(tokens.shape, jnp.float32),
                       patch_lengths=jnp.asarray(lengths))
@@ -365,4 +365,5 @@ COMMANDS = {"train": bench_train, "generate": bench_generate, "pipeline": bench_
             "_port": port_worker, "_pipeline": _pipeline_worker}
 
 if __name__ == "__main__":
-  app.run(main)
+  from bltjax import cli
+  cli.run(main)  # errors as one line (--verbose: traceback), exit 1

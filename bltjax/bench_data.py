@@ -8,7 +8,6 @@
                        many files, on 1 and on 4 processes (one data shard each).
 """
 
-import argparse
 import json
 import os
 import subprocess
@@ -170,18 +169,8 @@ def bench_startup(corpus_gb: float = 2.0, *, files: int = 64, seq_len: int = 163
   print("(the slowest / largest process of each row)")
 
 
-def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("what", choices=["host", "startup", "_host", "_startup"])
-  parser.add_argument("--corpus_gb", type=float, default=2.0)
-  parser.add_argument("--pattern")
-  parser.add_argument("--kind")
-  parser.add_argument("--seq_len", type=int, default=16384)
-  parser.add_argument("--batch", type=int, default=4)
-  parser.add_argument("--seconds", type=float, default=8.0)
-  parser.add_argument("--shard", type=int, default=0)
-  parser.add_argument("--shards", type=int, default=1)
-  args = parser.parse_args()
+def main(args):
+  """`args`: the command line, parsed by `_parse` below."""
   if args.what == "host":
     bench_host_pipeline(args.seq_len, batch=args.batch, seconds=args.seconds)
   elif args.what == "startup":
@@ -193,4 +182,20 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  from absl.flags import argparse_flags
+  from bltjax import cli
+
+  def _parse(argv):  # argparse, plus absl's own flags (--verbose, --verbosity)
+    parser = argparse_flags.ArgumentParser()
+    parser.add_argument("what", choices=["host", "startup", "_host", "_startup"])
+    parser.add_argument("--corpus_gb", type=float, default=2.0)
+    parser.add_argument("--pattern")
+    parser.add_argument("--kind")
+    parser.add_argument("--seq_len", type=int, default=16384)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--shard", type=int, default=0)
+    parser.add_argument("--shards", type=int, default=1)
+    return parser.parse_args(argv[1:])
+
+  cli.run(main, flags_parser=_parse)  # errors as one line (--verbose: traceback), exit 1

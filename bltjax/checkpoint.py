@@ -3,11 +3,19 @@
 Layout: `WORKDIR/checkpoints/<step>/{state, data, config, meta}`. Saves are asynchronous; restores
 take an abstract target that carries the *current* mesh's shardings, so a run saved on 8 devices
 restores on 4 (or 1). Every path may be local or gs:// (Orbax writes through epath and tensorstore).
+
+Integrity: a resumed run reads the newest checkpoint that reads back (`restore_latest`); newer ones
+that cannot be read (truncated or missing files) are moved aside to `<step>.corrupt`, never
+deleted, and Orbax's step listing ignores them. A checkpoint that reads but does not fit the
+model (the config changed) is an error, not a fallback. Read-only uses (`load_params`, ...) do not
+fall back: they raise `CheckpointError` naming the checkpoint and the older steps there.
 """
 
+import contextlib
 import hashlib
 import logging
 import os
+from typing import Any, NamedTuple
 
 import grain
 import jax
@@ -15,7 +23,27 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from bltjax import storage
+from bltjax import checkpoint_repair as repair
+from bltjax import errors, storage
+
+_OK, _UNREADABLE, _FATAL = 0, 1, 2  # per-process outcome of one try; processes take the max
+
+
+class Restored(NamedTuple):
+  """What `Checkpointer.restore_latest` read: the step it resumed from and its items."""
+  step: int
+  state: Any
+  data_iter: Any
+  config: dict
+  meta: dict
+
+
+class CheckpointNotFound(errors.CheckpointError, FileNotFoundError):
+  """No checkpoint at all under a path; also a FileNotFoundError for callers that catch that."""
+
+
+class _Unreadable(Exception):
+  """A checkpoint item is missing or empty (as opposed to an error from a reader)."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -29,11 +57,18 @@ class Checkpointer:
   def __init__(self, workdir: str, *, max_to_keep: int = 3):
     storage.check_access(workdir, write=True)
     self.directory = checkpoint_dir(workdir)
+    # cleanup_tmp_directories: a save killed mid-write (SIGKILL during an async save) leaves
+    # `<step>.orbax-checkpoint-tmp` (local) or a step without its commit file (gs://); process 0
+    # deletes those here, so that they can never block or confuse a later save or restore.
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                             enable_async_checkpointing=True),
+                                             enable_async_checkpointing=True,
+                                             cleanup_tmp_directories=True),
         item_handlers=_handlers())
+    # Orbax runs that clean-up in a thread and only waits for it in the first save; wait now, so
+    # that it cannot race restore_latest moving a step aside (pinned orbax-checkpoint 0.12.8).
+    getattr(self.manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -47,17 +82,119 @@ class Checkpointer:
     self.manager.save(step, args=ocp.args.Composite(**args), force=True)
 
   def restore(self, step: int, abstract_state, data_iter=None):
-    """Restores the state onto the shardings of `abstract_state` (and the iterator in place)."""
-    args = dict(state=ocp.args.StandardRestore(abstract_state))
-    if data_iter is not None:
-      args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-    return restored["state"], restored.get("data", data_iter)
+    """One step, no fallback: (state on the shardings of `abstract_state`, the iterator)."""
+    r = self._read(step, abstract_state, data_iter)
+    return r.state, r.data_iter
 
   def metadata(self, step: int) -> tuple[dict, dict]:
+    return self._read_json(step)[1:]
+
+  def restore_latest(self, abstract_state, data_iter=None) -> Restored | None:
+    """The newest checkpoint that reads back: state on `abstract_state`'s shardings, the data
+    iterator restored in place, config and meta. None when there is no checkpoint.
+
+    A step that cannot be read (truncated or missing files, bad metadata) is logged and the next
+    older one tried; once one reads, the unreadable newer ones are moved aside to
+    `<step>.corrupt`. Nothing is moved when none reads: that raises CheckpointError listing every
+    step and why. So does a checkpoint that reads but does not fit `abstract_state` (other tree
+    or shapes: the config changed), and a storage error (unreachable, permission denied), both
+    before anything is moved. Every process calls this; they agree on each step.
+    """
+    return self._newest_readable(lambda step: self._read(step, abstract_state, data_iter),
+                                 "restore")
+
+  def latest_metadata(self) -> tuple[int, dict, dict] | None:
+    """(step, config, meta) of the newest checkpoint whose JSON items (and state metadata) read
+    back, with the fallback of `restore_latest`; None when there is no checkpoint. Cheap: no
+    arrays are read, so `restore_latest` may still fall back further (compare its step)."""
+    return self._newest_readable(self._read_json, "read the metadata of")
+
+  def _read(self, step: int, abstract_state, data_iter) -> Restored:
+    self._check_fits(step, abstract_state)
+    args = dict(state=ocp.args.StandardRestore(abstract_state), config=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore())
+    if data_iter is not None:  # grain's handler calls set_state again on a retry: that is fine
+      args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    r = self.manager.restore(step, args=ocp.args.Composite(**args))
+    return Restored(step, r["state"], r.get("data", data_iter), *_json_items(r))
+
+  def _read_json(self, step: int) -> tuple[int, dict, dict]:
+    _state_metadata(self.manager, step)
     r = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
                                                            meta=ocp.args.JsonRestore()))
-    return r["config"], r["meta"]
+    return (step, *_json_items(r))
+
+  def _check_fits(self, step: int, abstract_state):
+    """CheckpointError (nothing moved) when an intact checkpoint's tree or shapes differ from
+    the model's; reader errors propagate (the caller counts them as an unreadable checkpoint)."""
+    problems = _mismatches(_flat(abstract_state), _flat(_state_metadata(self.manager, step)))
+    if problems:
+      raise errors.CheckpointError(
+          f"{self._step_dir(step)}: the checkpoint does not fit this model (the config changed "
+          f"since it was saved): {'; '.join(problems[:20])}. Resume with the config it was "
+          "saved with (WORKDIR/config.json), or train the new config in another workdir (with "
+          "init_from= to start from these params where they fit); nothing was moved")
+
+  def _newest_readable(self, read, what: str):
+    """`read(step)` on the newest step that reads; see restore_latest."""
+    failed = []  # (step, why), newest first
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      result = error = None
+      try:
+        result, code = read(step), _OK
+      except errors.CheckpointError as e:
+        error, code = e, _FATAL
+      except Exception as e:  # noqa: BLE001 (any reader error: sorted out below)
+        error, code = repair.let_go(e), _FATAL if repair.not_damage(e) else _UNREADABLE
+      code = _agree(code)
+      if code == _OK:
+        self._set_aside([s for s, _ in failed])
+        return result
+      if code == _FATAL:
+        if isinstance(error, errors.CheckpointError):
+          raise error
+        why = repair.describe(error) if error else "failed on another process (see its log)"
+        raise errors.CheckpointError(
+            f"{self._step_dir(step)}: cannot {what} the checkpoint: {why}. That blames the "
+            "storage or the machine, not the checkpoint: nothing was moved; fix it and re-run") \
+            from error
+      why = repair.describe(error) if error else "unreadable on another process (see its log)"
+      logging.warning("Checkpoint %s cannot be read (%s); trying the previous one",
+                      self._step_dir(step), why)
+      failed.append((step, why))
+    if not failed:
+      return None
+    tried = "; ".join(f"step {s}: {why}" for s, why in failed)
+    raise errors.CheckpointError(
+        f"{self.directory}: no checkpoint could be read ({tried}). Nothing was moved. If the "
+        "storage is fine, the files are damaged: restore them from a copy, or move the step "
+        "directories away (e.g. to <step>.corrupt) to train from scratch")
+
+  def _set_aside(self, steps: list[int]):
+    """Renames each step directory to `<step>.corrupt` (`.corrupt.1`, ... if taken) on process 0;
+    every process then waits for the renames and reloads the manager's step list."""
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      for step in steps:
+        src = epath.Path(self._step_dir(step))
+        dest, n = src.parent / f"{step}.corrupt", 0
+        while dest.exists():
+          n += 1
+          dest = src.parent / f"{step}.corrupt.{n}"
+        try:
+          repair.move_dir(src, dest)
+          logging.warning("Moved the unreadable checkpoint %s aside to %s", src, dest)
+        except Exception as e:  # noqa: BLE001 (resuming from the older step is still right)
+          logging.error("Could not move the unreadable checkpoint %s aside to %s: %s", src, dest,
+                        repair.describe(e))
+    if _multiprocess():
+      from jax.experimental import multihost_utils  # noqa: PLC0415
+      multihost_utils.sync_global_devices("bltjax: unreadable checkpoints moved aside")
+    self.manager.reload()
+
+  def _step_dir(self, step: int) -> str:
+    return storage.join(self.directory, str(step))
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -72,6 +209,86 @@ def _handlers():
               config=ocp.JsonCheckpointHandler(), meta=ocp.JsonCheckpointHandler())
 
 
+def _multiprocess() -> bool:
+  return jax.process_count() > 1
+
+
+def _agree(code: int) -> int:
+  """The worst outcome over all processes (single process: no collective)."""
+  if not _multiprocess():
+    return code
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  return int(np.max(multihost_utils.process_allgather(np.int32(code))))
+
+
+def _json_items(restored, names=("config", "meta")) -> tuple[dict, ...]:
+  for name in names:
+    if not isinstance(restored.get(name), dict):
+      raise _Unreadable(f"the {name} item is missing or not a JSON object")
+  return tuple(restored[name] for name in names)
+
+
+def _state_metadata(manager, step: int):
+  """The saved state's tree of array metadata (shapes), read from its _METADATA file."""
+  saved = manager.item_metadata(step).get("state")
+  if saved is None:
+    raise _Unreadable("the state item has no readable metadata")
+  return saved
+
+
+def _params_metadata(manager, step: int):
+  saved = _state_metadata(manager, step)
+  if "params" not in saved:
+    raise _Unreadable(f"its state has no params (it has {', '.join(sorted(saved))})")
+  return saved["params"]
+
+
+def _flat(tree) -> dict:
+  """{'params/a/kernel': leaf}: names on which a live pytree (attributes, dicts, tuples) and
+  Orbax's saved metadata tree (dicts, lists) agree."""
+  return {"/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path):
+          leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _mismatches(want: dict, have: dict) -> list[str]:
+  """Missing, unexpected and misshaped leaves, by name."""
+  problems = [f"missing {k}" for k in sorted(set(want) - set(have))]
+  problems += [f"unexpected {k}" for k in sorted(set(have) - set(want))]
+  problems += [f"{k}: saved {tuple(have[k].shape)}, model needs {tuple(want[k].shape)}"
+               for k in sorted(set(want) & set(have))
+               if tuple(have[k].shape) != tuple(want[k].shape)]
+  return problems
+
+
+def _steps(directory: str) -> list[int]:
+  """Step directories under a checkpoints dir, newest first: finished ones only on gs://
+  (where a killed save leaves the step without its commit file)."""
+  root = epath.Path(directory)
+  steps = [int(d.name) for d in root.iterdir() if d.name.isdigit() and d.is_dir()]
+  if storage.is_remote(directory) and os.fspath(directory).startswith("gs://"):
+    steps = [s for s in steps if (root / str(s) / repair.COMMIT_FILE).exists()]
+  return sorted(steps, reverse=True)
+
+
+@contextlib.contextmanager
+def _reading(directory: str, step: int):
+  """Errors while reading one checkpoint -> one-line CheckpointError naming it and the older
+  steps that could be used instead (read-only uses do not fall back on their own)."""
+  try:
+    yield
+  except errors.CheckpointError:
+    raise
+  except Exception as e:
+    repair.let_go(e)
+    older = [s for s in _steps(directory) if s < step]
+    hint = (f"older steps there: {', '.join(map(str, older))} (pass "
+            f"{storage.join(directory, str(older[0]))} to use one)" if older else
+            "no older step there")
+    raise errors.CheckpointError(
+        f"{storage.join(directory, str(step))}: cannot read this checkpoint "
+        f"({repair.describe(e)}); {hint}") from e
+
+
 def find_checkpoint(path: str) -> tuple[str, int]:
   """A training workdir, its checkpoints/ dir, or one step dir -> (checkpoints dir, step)."""
   path = storage.abspath(path)
@@ -81,11 +298,11 @@ def find_checkpoint(path: str) -> tuple[str, int]:
       continue
     if directory == root.parent and root.name.isdigit():
       return os.fspath(directory), int(root.name)
-    steps = [int(d.name) for d in directory.iterdir() if d.name.isdigit()]
+    steps = _steps(os.fspath(directory))
     if steps:
-      return os.fspath(directory), max(steps)
-  raise FileNotFoundError(f"{path}: no Orbax checkpoint found (expected a training workdir with "
-                          "checkpoints/<step>/)")
+      return os.fspath(directory), steps[0]
+  raise CheckpointNotFound(f"{path}: no Orbax checkpoint found (expected a training workdir with "
+                           "checkpoints/<step>/)")
 
 
 def load_params(path: str) -> tuple[dict, dict, dict, int]:
@@ -94,22 +311,28 @@ def load_params(path: str) -> tuple[dict, dict, dict, int]:
   Only the params are read (partial restore), not the optimizer state.
   """
   directory, step = find_checkpoint(path)
-  manager = ocp.CheckpointManager(directory, item_handlers=dict(
+  with _reading(directory, step):
+    manager = _reader(directory)
+    try:
+      params_meta = _params_metadata(manager, step)
+      item = {"params": jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), params_meta)}
+      restore_args = {"params": jax.tree.map(
+          lambda m: ocp.RestoreArgs(restore_type=np.ndarray), params_meta)}
+      r = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                       partial_restore=True),
+          config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+      config, meta = _json_items(r)
+    finally:
+      manager.close()
+  logging.info("Loaded params of step %d from %s", step, directory)
+  return r["state"]["params"], config, meta, step
+
+
+def _reader(directory: str):
+  return ocp.CheckpointManager(directory, item_handlers=dict(
       state=ocp.PyTreeCheckpointHandler(), config=ocp.JsonCheckpointHandler(),
       meta=ocp.JsonCheckpointHandler(), data=grain.checkpoint.CheckpointHandler()))
-  try:
-    meta_tree = manager.item_metadata(step)["state"]
-    params_meta = meta_tree["params"]
-    item = {"params": jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), params_meta)}
-    restore_args = {"params": jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray),
-                                           params_meta)}
-    r = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
-        config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-  finally:
-    manager.close()
-  logging.info("Loaded params of step %d from %s", step, directory)
-  return r["state"]["params"], r["config"], r["meta"], step
 
 
 def params_hash(params) -> str:
@@ -152,39 +375,34 @@ def restore_params(path: str, abstract_params):
   """Params of the checkpoint under `path`, restored straight onto the shardings of
   `abstract_params` (ShapeDtypeStructs with .sharding); names every missing or misshaped one."""
   directory, step = find_checkpoint(path)
-  manager = ocp.CheckpointManager(directory, item_handlers=dict(
-      state=ocp.PyTreeCheckpointHandler(), config=ocp.JsonCheckpointHandler(),
-      meta=ocp.JsonCheckpointHandler(), data=grain.checkpoint.CheckpointHandler()))
-  try:
-    saved = manager.item_metadata(step)["state"]["params"]
-    want = {jax.tree_util.keystr(k): v for k, v in
-            jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
-    have = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
-    problems = [f"missing {k}" for k in sorted(set(want) - set(have))]
-    problems += [f"unexpected {k}" for k in sorted(set(have) - set(want))]
-    problems += [f"{k}: saved {tuple(have[k].shape)}, model needs {tuple(want[k].shape)}"
-                 for k in sorted(set(want) & set(have))
-                 if tuple(have[k].shape) != tuple(want[k].shape)]
-    if problems:
-      raise ValueError(f"{path}: params do not fit this model: " + "; ".join(problems[:20]))
-    restore_args = jax.tree.map(
-        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype), abstract_params)
-    r = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item={"params": abstract_params}, restore_args={"params": restore_args},
-        partial_restore=True)))
-  finally:
-    manager.close()
+  with _reading(directory, step):
+    manager = _reader(directory)
+    try:
+      problems = _mismatches(_flat(abstract_params), _flat(_params_metadata(manager, step)))
+      if problems:
+        raise errors.CheckpointError(
+            f"{storage.join(directory, str(step))}: params do not fit this model: "
+            + "; ".join(problems[:20]))
+      restore_args = jax.tree.map(
+          lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype), abstract_params)
+      r = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item={"params": abstract_params}, restore_args={"params": restore_args},
+          partial_restore=True)))
+    finally:
+      manager.close()
   return r["state"]["params"]
 
 
 def recorded_entropy_model(path: str) -> str | None:
   """The entropy model recorded in the metadata of the checkpoint under `path`, if any."""
   directory, step = find_checkpoint(path)
-  manager = ocp.CheckpointManager(directory, item_handlers=dict(
-      meta=ocp.JsonCheckpointHandler()))
-  try:
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  finally:
-    manager.close()
+  with _reading(directory, step):
+    manager = ocp.CheckpointManager(directory, item_handlers=dict(
+        meta=ocp.JsonCheckpointHandler()))
+    try:
+      r = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      meta, = _json_items(r, ("meta",))
+    finally:
+      manager.close()
   recorded = (meta.get("entropy_model") or {}).get("path")
   return resolve(storage.abspath(path), recorded) if recorded else None

@@ -21,10 +21,11 @@ MODEL_TYPES = ("blt", "entropy_model")
 # Where patches are cut: in the input pipeline on the host CPUs, or on the accelerators one batch
 # ahead of the step (bltjax/patcher.py).
 PATCHING_PLACEMENTS = ("host", "accelerator")
+NONFINITE_POLICIES = ("stop", "skip")  # train.nonfinite: what a non-finite update does to the run
 # Fields of the stage-1 data section taken from the BLT's data section: both stages read the same
 # documents (the paper's recipe).
 SHARED_DATA_FIELDS = ("source", "paths", "text_field", "eval_fraction", "shards", "mixture",
-                      "shuffle_window")
+                      "shuffle_window", "max_document_bytes")
 
 
 def load(spec: str) -> ml_collections.ConfigDict:
@@ -89,6 +90,10 @@ def validate(config, num_devices: int | None):
   _require(0 <= d.eval_fraction < 1, f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
   _require(isinstance(d.shuffle_window, int) and d.shuffle_window >= 1,
            f"data.shuffle_window={d.shuffle_window!r} must be an int >= 1")
+  max_doc = d.get("max_document_bytes")
+  _require(isinstance(max_doc, int) and not isinstance(max_doc, bool) and max_doc >= 1,
+           f"data.max_document_bytes={max_doc!r} must be an int >= 1 (longer documents are cut "
+           "to their first that many bytes and counted as oversized_docs)")
   try:  # data.mixture: each component's name, source, paths, weight and text_field
     mixture_lib.components(d)
   except ValueError as e:
@@ -119,6 +124,12 @@ def validate(config, num_devices: int | None):
            f"(mesh.shape={tuple(sizes)})")
   _require(t.eval_batches >= 0 and (t.eval_batches == 0 or d.eval_fraction > 0),
            "train.eval_batches > 0 needs data.eval_fraction > 0")
+  _require(t.nonfinite in NONFINITE_POLICIES,
+           f"train.nonfinite={t.nonfinite!r} must be one of {NONFINITE_POLICIES}")
+  _require(t.max_skipped_steps >= 1, f"train.max_skipped_steps={t.max_skipped_steps} must be >= 1")
+  _require(t.loss_spike_factor == 0 or t.loss_spike_factor > 1,
+           f"train.loss_spike_factor={t.loss_spike_factor} must be 0 (off) or > 1")
+  _require(t.loss_spike_window >= 1, f"train.loss_spike_window={t.loss_spike_window} must be >= 1")
   _require(0 <= o.warmup_steps <= t.steps,
            f"optim.warmup_steps={o.warmup_steps} must be in [0, train.steps={t.steps}]")
   _require(0 <= o.lr_min_ratio <= 1, f"optim.lr_min_ratio={o.lr_min_ratio} must be in [0, 1]")

@@ -7,7 +7,7 @@ checkpoint with its entropy model under DIR/entropy_model. Continue pretraining 
 recorded there cuts the patches unless patching.entropy_model_checkpoint says otherwise).
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from bltjax import xla_flags
 
@@ -29,5 +29,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from bltjax import cli
   flags.mark_flags_as_required(["hf_dir", "out"])
-  app.run(main)
+  cli.run(main)  # errors as one line (--verbose: traceback), exit 1

@@ -6,7 +6,7 @@
 model.safetensors for `transformers`' BltForCausalLM (entropy model included as its patcher).
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from bltjax import xla_flags
 
@@ -32,5 +32,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from bltjax import cli
   flags.mark_flags_as_required(["workdir", "out"])
-  app.run(main)
+  cli.run(main)  # errors as one line (--verbose: traceback), exit 1

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from bltjax import patching, tokenizer
-from bltjax.model.attention import empty_kv_cache
 from bltjax.model.blt import ByteLatentTransformer
 from bltjax.model.config import BLTConfig, EntropyModelConfig, PatchingConfig
 from bltjax.model.entropy_model import EntropyModel, entropies_from_logits
@@ -314,8 +313,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-  from bltjax import xla_flags
+  from absl import flags
+  from bltjax import cli, xla_flags
   xla_flags.set_defaults()
   flags.DEFINE_string("checkpoint", None, "A training workdir, an exported model (python -m "
                       "bltjax.export) or a Hugging Face BLT directory; local or gs://.")
@@ -325,4 +324,4 @@ if __name__ == "__main__":
   flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (with temperature > 0).")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.mark_flag_as_required("checkpoint")
-  app.run(main)
+  cli.run(main)  # errors as one line (--verbose: traceback), exit 1

@@ -15,7 +15,7 @@ xla_flags.set_defaults()  # before JAX initialises a backend
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from bltjax import distributed, logs, storage  # noqa: E402
+from bltjax import cli, distributed, logs, storage  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. experiments/debug.py or experiments/1b.py:tiny; "
@@ -23,6 +23,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where checkpoints, metrics.jsonl and TensorBoard events go, local or gs:// "
     "(default: workdir/<experiment name>). Re-running on the same workdir resumes.")
+_FORCE_UNLOCK = flags.DEFINE_bool(
+    "force_unlock", False, "Take over the workdir lock even if another run seems to hold it.")
 flags.mark_flag_as_required("config")
 
 
@@ -38,10 +40,10 @@ def main(argv):
       "workdir", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
   logging.info("workdir: %s", storage.abspath(workdir))  # gs:// URLs stay URLs
   try:
-    train.run(_CONFIG.value, workdir)
+    train.run(_CONFIG.value, workdir, force_unlock=_FORCE_UNLOCK.value)
   except train.Preempted as e:
     logging.warning("%s; re-run the same command to resume", e)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)  # errors as one line (--verbose: traceback), exit 1

@@ -39,6 +39,8 @@ class MetricWriter:
     if not self.remote:
       os.makedirs(workdir, exist_ok=True)
       self._file = open(self.path, "a", buffering=1)
+      if self._file.tell() and not _ends_with_newline(self.path):
+        self._file.write("\n")  # after a record cut short: the next one starts on its own line
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
       return
     storage.check_access(workdir, write=True)
@@ -130,13 +132,15 @@ class MetricWriter:
     if not self.enabled:
       return
     if not self.remote:
-      self._file.close()
-      self._tb.close()
+      try:
+        self._file.close()  # may fail (a full disk): the TensorBoard thread still stops
+      finally:
+        _close_tensorboard(self._tb)
       return
     self._closing.set()
     self._thread.join()
     with self._lock:
-      self._tb.close()
+      _close_tensorboard(self._tb)
       self._dirty = True  # the event files' last bytes
     try:
       self._upload()
@@ -148,10 +152,29 @@ class MetricWriter:
     shutil.rmtree(self._local, ignore_errors=True)
 
 
+def _close_tensorboard(tb: SummaryWriter):
+  """Closes `tb`; if its last flush fails (a full disk), still stops its writer threads, which
+  would otherwise outlive the run (tensorboardX stops them only after a successful flush)."""
+  try:
+    tb.close()
+  except Exception:
+    for writer in getattr(tb, "all_writers", {}).values():
+      worker = getattr(getattr(writer, "event_writer", None), "_worker", None)
+      if worker is not None:
+        worker.stop()
+    raise
+
+
 def _plain(v):
   if hasattr(v, "item"):
     v = v.item()
   return float(v) if isinstance(v, float) else v
+
+
+def _ends_with_newline(path: str) -> bool:
+  with open(path, "rb") as f:
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) == b"\n"
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -161,7 +184,16 @@ def read_metrics(workdir: str) -> list[dict]:
     text = epath.Path(path).read_text()
   except FileNotFoundError:  # (gcsfs names the object by its API path)
     raise FileNotFoundError(f"{path}: no such file") from None
-  return [json.loads(line) for line in text.splitlines() if line.strip()]
+  records, bad = [], 0
+  for line in text.splitlines():
+    if line.strip():
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:  # a record cut short (a full disk, a killed writer)
+        bad += 1
+  if bad:
+    logging.warning("%s: skipped %d unreadable record(s)", path, bad)
+  return records
 
 
 class Progress:

@@ -44,7 +44,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
-from bltjax import checkpoint, configs, logs, patcher, storage  # noqa: E402
+from bltjax import checkpoint, configs, logs, patcher, storage, workdir_lock  # noqa: E402
 from bltjax.data import pipeline  # noqa: E402
 from bltjax.data import preprocessed as pre  # noqa: E402
 from bltjax.model.config import EntropyModelConfig  # noqa: E402
@@ -241,8 +241,11 @@ def _clear_partial(out, split, s, shards):
 
 
 def preprocess(config, out: str, *, workdir: str | None = None, num_training_processes: int = 1,
-               entropy_dtype: str = "float16", rows_per_device: int = ROWS_PER_DEVICE) -> dict:
-  """Writes (or finishes) DIR=`out`; every process calls it. Returns the manifest."""
+               entropy_dtype: str = "float16", rows_per_device: int = ROWS_PER_DEVICE,
+               force_unlock: bool = False) -> dict:
+  """Writes (or finishes) DIR=`out`; every process calls it. Returns the manifest. Process 0
+  holds DIR's lock meanwhile (one preprocessing run per directory; `force_unlock` takes it
+  over)."""
   configs.validate(config, None)  # the training pod may have another device count
   if config.model_type != "blt":
     raise ValueError("preprocess stores entropies for BLT patching: model_type must be 'blt'")
@@ -252,6 +255,11 @@ def preprocess(config, out: str, *, workdir: str | None = None, num_training_pro
     raise ValueError(f"entropy_dtype={entropy_dtype!r} must be one of {pre.ENTROPY_DTYPES}")
   shards = num_shards(config, num_training_processes)
   storage.check_access(out, write=True)
+  with workdir_lock.hold(out, force=force_unlock, what="preprocessing run"):
+    return _preprocess(config, out, shards, workdir, entropy_dtype, rows_per_device)
+
+
+def _preprocess(config, out, shards, workdir, entropy_dtype, rows_per_device) -> dict:
   p, procs = jax.process_index(), jax.process_count()
   ckpt = entropy_checkpoint(config, workdir)
   try:
@@ -348,10 +356,14 @@ def main(argv):
   if not f.out:
     raise app.UsageError("--out is required")
   preprocess(f.config, f.out, workdir=f.workdir, num_training_processes=f.num_training_processes,
-             entropy_dtype=f.entropy_dtype, rows_per_device=f.rows_per_device)
+             entropy_dtype=f.entropy_dtype, rows_per_device=f.rows_per_device,
+             force_unlock=f.force_unlock)
 
 
 if __name__ == "__main__":
+  from bltjax import cli
   _define_flags()
+  flags.DEFINE_bool("force_unlock", False, "Take over the output directory's lock even if "
+                    "another run seems to hold it.")
   flags.mark_flag_as_required("config")
-  app.run(main)
+  cli.run(main)  # errors as one line (--verbose: traceback), exit 1

@@ -3,6 +3,12 @@
 train_step(state, batch) -> (state, metrics): gradient accumulation is a `lax.scan` over
 microbatches inside the step; the loss is normalised by the number of target bytes of the whole
 batch (not averaged per microbatch). Logits, cross-entropy and the loss are fp32.
+
+The update guard lives in the step, so that it costs no host sync: an update whose loss, gradient
+norm or new params are not finite (or, optionally, whose loss spikes above k times its running
+mean) is not applied; params and optimizer state stay as they were, the step counter moves on
+(the batch is consumed) and `state.guard` counts it. The host reads the counters with the
+metrics, one step late, and stops or warns (`train.nonfinite`, `train.max_skipped_steps`).
 """
 
 import math
@@ -43,7 +49,28 @@ def _split_microbatches(batch, num):
   return jax.tree.map(split, batch)
 
 
-def train_step(state: ts.TrainState, batch, *, loss_fn, optimizer, lr_fn, microbatches: int):
+def all_finite(tree) -> jax.Array:
+  """One bool: every array of `tree` is finite (also checked before each checkpoint is written)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _guard(guard, ok, nonfinite, spike, loss, step, decay: float):
+  """The next guard counters (see `train_state.new_guard`). The loss mean for spike detection is
+  an exponential moving average over accepted steps only."""
+  skipped = ~ok
+  ema = jnp.where(ok, decay * guard["loss_ema"] + (1.0 - decay) * loss, guard["loss_ema"])
+  return dict(
+      nonfinite_steps=guard["nonfinite_steps"] + nonfinite.astype(jnp.int32),
+      spike_steps=guard["spike_steps"] + spike.astype(jnp.int32),
+      skip_streak=jnp.where(skipped, guard["skip_streak"] + 1, 0),
+      last_skipped_step=jnp.where(skipped, step + 1, guard["last_skipped_step"]),
+      loss_ema=ema, loss_ema_steps=guard["loss_ema_steps"] + ok.astype(jnp.int32))
+
+
+def train_step(state: ts.TrainState, batch, *, loss_fn, optimizer, lr_fn, microbatches: int,
+               loss_spike_factor: float = 0.0, loss_spike_window: int = 100):
+  """`loss_spike_factor` > 0 also skips updates whose loss exceeds that many times the running
+  mean, once `loss_spike_window` updates have been accepted (train.loss_spike_*)."""
   # loss_fn returns (ce_sum, count): differentiate the sum, carry the count along.
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -63,9 +90,23 @@ def train_step(state: ts.TrainState, batch, *, loss_fn, optimizer, lr_fn, microb
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   loss = ce / denom
-  metrics = dict(loss=loss, bpb=loss / LN2, grad_norm=optax.tree.norm(grads),
-                 lr=lr_fn(state.step), target_bytes=count)
-  return ts.TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  grad_norm = optax.tree.norm(grads)
+  nonfinite = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params))
+  g = state.guard
+  decay = 1.0 - 1.0 / max(loss_spike_window, 1)  # EMA horizon: the window
+  mean = g["loss_ema"] / (1.0 - decay ** g["loss_ema_steps"])  # bias-corrected
+  spike = ~nonfinite & (loss_spike_factor > 0) & (g["loss_ema_steps"] >= loss_spike_window) & (
+      loss > loss_spike_factor * mean)
+  ok = ~(nonfinite | spike)
+  keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731 (a select: no extra copy)
+  guard = _guard(g, ok, nonfinite, spike, loss, state.step, decay)
+  metrics = dict(loss=loss, bpb=loss / LN2, grad_norm=grad_norm, lr=lr_fn(state.step),
+                 target_bytes=count, skipped_steps=guard["nonfinite_steps"] + guard["spike_steps"],
+                 **{k: guard[k] for k in ("nonfinite_steps", "spike_steps", "skip_streak",
+                                          "last_skipped_step")})
+  return ts.TrainState(step=state.step + 1, params=jax.tree.map(keep, params, state.params),
+                       opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+                       guard=guard), metrics
 
 
 def eval_step(params, batch, *, loss_fn):

@@ -5,10 +5,10 @@ BLT with patches cut where that model's next-byte entropy is high. `run` does bo
 and resumes either stage from `WORKDIR[/entropy_model]/checkpoints` when re-run.
 """
 
+import contextlib
 import functools
 import json
 import logging
-import math
 import time
 
 from etils import epath
@@ -16,8 +16,9 @@ import jax
 import numpy as np
 
 from bltjax import batch as batch_lib
-from bltjax import checkpoint, configs, flops, metrics, optim, patcher, preemption, sharding
-from bltjax import storage
+from bltjax import checkpoint, configs, errors, evaluate, flops, metrics, optim, patcher
+from bltjax import preemption
+from bltjax import sharding, storage, workdir_lock
 from bltjax import step as step_lib
 from bltjax import train_state as ts
 from bltjax.data import pipeline, preprocessed
@@ -31,15 +32,22 @@ class Preempted(Exception):
   """Training stopped on a preemption notice after checkpointing; re-running resumes."""
 
 
-def run(config, workdir: str, *, stop_at_step: int | None = None):
+def run(config, workdir: str, *, stop_at_step: int | None = None, force_unlock: bool = False):
   """Both stages. Returns the final train state of the last stage.
 
   `stop_at_step` stops the last stage early (after checkpointing) without changing anything else,
   e.g. the learning-rate schedule: re-running continues as if never interrupted.
+  `force_unlock` takes over the workdir lock even when its holder looks alive.
   """
   configs.validate(config, jax.device_count())
   pipeline.data_shards(config.data, jax.process_index(), jax.process_count())  # fails early
   check_paths(config, workdir)
+  # One run per workdir (process 0 holds WORKDIR/.lock; a dead holder's lock is taken over).
+  with workdir_lock.hold(workdir, force=force_unlock, what="training run"):
+    return _run(config, workdir, stop_at_step)
+
+
+def _run(config, workdir, stop_at_step):
   entropy_ckpt = None
   if config.model_type == "blt" and config.patching.mode == "entropy" and \
       not config.data.preprocessed_dir:  # stored entropies need no entropy model
@@ -85,78 +93,90 @@ def train_stage(config, workdir: str, *, entropy_checkpoint: str | None = None,
   model = ts.build_model(config)
   optimizer = optim.make_optimizer(config.optim, t.steps)
   abstract, state_sh = ts.abstract_state(config, model, optimizer, mesh)
-  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=t.keep_checkpoints)
-  start = ckpt.latest_step()
-  if start is not None and start >= t.steps:
-    logging.info("%s: already trained to step %d (train.steps=%d)", workdir, start, t.steps)
-    ckpt.close()
-    return None
-  resumed_meta = ckpt.metadata(start)[1] if start is not None else None
-  stored = None  # rows that come with their entropies (python -m bltjax.preprocess)
-  if config.model_type == "blt" and config.data.preprocessed_dir:
-    stored = preprocessed.read_manifest(config.data.preprocessed_dir)
-  patching = patcher.setup(config, entropy_checkpoint, resumed_meta, stored=stored)
-  meta = patching.meta if patching else {}
-  host_patch = patching.host_transform() if patching else None
+  with contextlib.ExitStack() as stack:  # closes the checkpointer and the input pipeline
+    ckpt = stack.enter_context(contextlib.closing(
+        checkpoint.Checkpointer(workdir, max_to_keep=t.keep_checkpoints)))
+    # The newest checkpoint whose metadata reads (unreadable ones are moved aside, see
+    # bltjax/checkpoint.py); its arrays are read below, once the input pipeline exists.
+    found = ckpt.latest_metadata()
+    start, resumed_meta = (found[0], found[2]) if found else (None, None)
+    if start is not None and start >= t.steps:
+      logging.info("%s: already trained to step %d (train.steps=%d)", workdir, start, t.steps)
+      return None
+    stored = None  # rows that come with their entropies (python -m bltjax.preprocess)
+    if config.model_type == "blt" and config.data.preprocessed_dir:
+      stored = preprocessed.read_manifest(config.data.preprocessed_dir)
+    patching = patcher.setup(config, entropy_checkpoint, resumed_meta, stored=stored)
+    meta = patching.meta if patching else {}
+    host_patch = patching.host_transform() if patching else None
 
-  local_batch = t.batch_size // jax.process_count()
-  step_spec = batch_lib.spec(config, t.batch_size)
-  batch_sh = batch_lib.shardings(mesh, step_spec)
-  # What the host sends: without patch_lengths when the devices cut them.
-  input_spec = batch_lib.input_spec(config, t.batch_size, with_entropies=stored is not None)
-  device_patcher = None
-  if batch_lib.device_patching(config):
-    device_patcher = patcher.DevicePatcher(patching, mesh, input_spec)
-  feed = _Feed(batch_lib.shardings(mesh, input_spec), device_patcher)
-  # Started before compiling, so that worker start-up and the first batches overlap compilation.
-  train_it = ThreadPrefetcher(
-      iter(pipeline.make_dataset(config, "train", local_batch_size=local_batch, patch=host_patch)),
-      _host_stats, buffer_size=config.data.prefetch)
-  if start is not None:
-    state, train_it = ckpt.restore(start, abstract, train_it)
-    logging.info("Resumed %s from step %d", workdir, start)
-  elif config.init_from:
-    state = ts.init_state_from(config, optimizer, mesh, abstract, state_sh, config.init_from)
-    logging.info("Initialised %s from the params of %s", workdir, config.init_from)
-    start = 0
-  else:
-    state = ts.init_state(config, model, optimizer, mesh, state_sh, config.seed)
-    start = 0
-  if jax.process_index() == 0:
-    (epath.Path(workdir) / "config.json").write_text(
-        json.dumps(config.to_dict(), indent=2, default=str))
-  logging.info("%s: %s with %.2fM parameters on mesh %s", workdir, config.model_type,
-               ts.param_count(state.params) / 1e6, dict(mesh.shape))
+    local_batch = t.batch_size // jax.process_count()
+    step_spec = batch_lib.spec(config, t.batch_size)
+    batch_sh = batch_lib.shardings(mesh, step_spec)
+    # What the host sends: without patch_lengths when the devices cut them.
+    input_spec = batch_lib.input_spec(config, t.batch_size, with_entropies=stored is not None)
+    device_patcher = None
+    if batch_lib.device_patching(config):
+      device_patcher = patcher.DevicePatcher(patching, mesh, input_spec)
+    feed = _Feed(batch_lib.shardings(mesh, input_spec), device_patcher)
+    # Started before compiling, so that worker start-up and the first batches overlap compilation.
+    train_ds = pipeline.make_dataset(config, "train", local_batch_size=local_batch,
+                                     patch=host_patch)
+    train_it = ThreadPrefetcher(iter(train_ds), _host_stats, buffer_size=config.data.prefetch)
+    # Whatever happens next (a restore error, a failed compile, an error in the loop), the
+    # prefetch thread and the input workers stop with this stage.
+    stack.callback(lambda: train_it.close())  # the restored iterator, once restored
+    if start is not None:
+      restored = ckpt.restore_latest(abstract, train_it)
+      if restored.meta != resumed_meta:  # fell back past the step whose metadata set up patching
+        raise errors.CheckpointError(
+            f"{workdir}: fell back to checkpoint {restored.step}, whose patching metadata differs "
+            f"from that of checkpoint {start}; re-run to set up patching from it")
+      state, train_it, start = restored.state, restored.data_iter, restored.step
+      logging.info("Resumed %s from step %d", workdir, start)
+    elif config.init_from:
+      state = ts.init_state_from(config, optimizer, mesh, abstract, state_sh, config.init_from)
+      logging.info("Initialised %s from the params of %s", workdir, config.init_from)
+      start = 0
+    else:
+      state = ts.init_state(config, model, optimizer, mesh, state_sh, config.seed)
+      start = 0
+    if jax.process_index() == 0:
+      (epath.Path(workdir) / "config.json").write_text(
+          json.dumps(config.to_dict(), indent=2, default=str))
+    logging.info("%s: %s with %.2fM parameters on mesh %s", workdir, config.model_type,
+                 ts.param_count(state.params) / 1e6, dict(mesh.shape))
 
-  loss_fn = step_lib.make_loss_fn(config, model)
-  # Both steps are compiled ahead of time inside the mesh context (where the logical sharding
-  # constraints apply); the loop then runs outside it, so that host-side work such as patching
-  # in the input pipeline stays on this process's own devices.
-  with sharding.mesh_context(mesh):
-    t0 = time.perf_counter()
-    train_fn = jax.jit(
-        functools.partial(step_lib.train_step, loss_fn=loss_fn, optimizer=optimizer,
-                          lr_fn=optim.lr_schedule(config.optim, t.steps),
-                          microbatches=t.microbatches),
-        in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
-        donate_argnums=0).lower(abstract, step_spec).compile()
-    logging.info("Compiled the train step in %.1fs", time.perf_counter() - t0)
-    eval_fn = None
-    if t.eval_batches:
-      eval_fn = jax.jit(functools.partial(step_lib.eval_step, loss_fn=loss_fn),
-                        in_shardings=(state_sh.params, batch_sh),
-                        out_shardings=sharding.replicated(mesh)).lower(
-                            abstract.params, step_spec).compile()
-  evaluator = Evaluator(config, eval_fn, host_patch, local_batch, feed)
-  loop = _Loop(config, workdir, ckpt, meta, state, train_it, train_fn, evaluator, feed)
-  if device_patcher is not None and patching.entropy is not None:
-    # The entropy model's forward pass now runs on the same chips: MFU counts it (bltjax.flops).
-    loop.entropy_cfg = EntropyModelConfig.from_dict(patching.entropy.model)
-  end = t.steps if stop_at_step is None else min(stop_at_step, t.steps)
-  state = loop.run(start, end)
-  if loop.preempted:
-    raise Preempted(f"{workdir}: preempted at step {int(state.step)} (checkpoint saved)")
-  return state
+    loss_fn = step_lib.make_loss_fn(config, model)
+    # Both steps are compiled ahead of time inside the mesh context (where the logical sharding
+    # constraints apply); the loop then runs outside it, so that host-side work such as patching
+    # in the input pipeline stays on this process's own devices.
+    with sharding.mesh_context(mesh):
+      t0 = time.perf_counter()
+      train_fn = jax.jit(
+          functools.partial(step_lib.train_step, loss_fn=loss_fn, optimizer=optimizer,
+                            lr_fn=optim.lr_schedule(config.optim, t.steps),
+                            microbatches=t.microbatches, loss_spike_factor=t.loss_spike_factor,
+                            loss_spike_window=t.loss_spike_window),
+          in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
+          donate_argnums=0).lower(abstract, step_spec).compile()
+      logging.info("Compiled the train step in %.1fs", time.perf_counter() - t0)
+      eval_fn = None
+      if t.eval_batches:
+        eval_fn = jax.jit(functools.partial(step_lib.eval_step, loss_fn=loss_fn),
+                          in_shardings=(state_sh.params, batch_sh),
+                          out_shardings=sharding.replicated(mesh)).lower(
+                              abstract.params, step_spec).compile()
+    evaluator = evaluate.Evaluator(config, eval_fn, host_patch, local_batch, feed)
+    loop = _Loop(config, workdir, ckpt, meta, state, train_it, train_fn, evaluator, feed)
+    if device_patcher is not None and patching.entropy is not None:
+      # The entropy model's forward pass now runs on the same chips: MFU counts it (bltjax.flops).
+      loop.entropy_cfg = EntropyModelConfig.from_dict(patching.entropy.model)
+    end = t.steps if stop_at_step is None else min(stop_at_step, t.steps)
+    state = loop.run(start, end)
+    if loop.preempted:
+      raise Preempted(f"{workdir}: preempted at step {int(state.step)} (checkpoint saved)")
+    return state
 
 
 class _Feed:
@@ -185,43 +205,6 @@ class _DataState:
     return self._state
 
 
-class Evaluator:
-  """Held-out bits per byte over the first `train.eval_batches` batches of the eval split; with a
-  data mixture, also per named source (`eval_bpb/<name>`)."""
-
-  def __init__(self, config, eval_fn, patch, local_batch, feed):
-    self.config, self.eval_fn, self.feed = config, eval_fn, feed
-    self._batches = None
-    self._patch, self._local_batch = patch, local_batch
-
-  def _load(self):
-    names = pipeline.source_names(self.config.data)
-    self._batches = {}
-    for name in names:
-      ds = pipeline.make_dataset(self.config, "eval", local_batch_size=self._local_batch,
-                                 patch=self._patch, num_workers=0,
-                                 source=name if len(names) > 1 else None)
-      it = iter(ds)
-      # The same batches every time: fetched once and kept (they are small).
-      self._batches[name] = [next(it) for _ in range(self.config.train.eval_batches)]
-
-  def __call__(self, params) -> dict:
-    if not self.config.train.eval_batches:
-      return {}
-    if self._batches is None:
-      self._load()
-    out, ce_all, count_all = {}, 0.0, 0.0
-    for name, batches in self._batches.items():
-      sums = [self.eval_fn(params, self.feed(local)[0]) for local in batches]
-      sums = jax.device_get(sums)
-      ce = sum(float(x["ce_sum"]) for x in sums)
-      count = sum(float(x["target_bytes"]) for x in sums)
-      if len(self._batches) > 1:
-        out[f"eval_bpb/{name}"] = ce / count / math.log(2.0)
-      ce_all, count_all = ce_all + ce, count_all + count
-    return dict(eval_loss=ce_all / count_all, eval_bpb=ce_all / count_all / math.log(2.0)) | out
-
-
 class _Loop:
   """The step loop: dispatch step s, fetch and dispatch the next batch (and its patching), then
   fetch step s-1's metrics (one step late).
@@ -243,6 +226,9 @@ class _Loop:
     self.t_done = time.perf_counter()
     self.preemption, self.preempted = preemption.PreemptionGuard(), False
     self.entropy_cfg = None  # set when the entropy model runs on the accelerators
+    self.guard_seen = _guard_counts(jax.device_get(state.guard))  # skips before this run
+    self.last_saved = None
+    self.all_finite = jax.jit(step_lib.all_finite)
 
   @staticmethod
   def _new_window():
@@ -250,6 +236,8 @@ class _Loop:
 
   def run(self, start: int, end: int):
     t = self.config.train
+    self.guard_seen["step"] = start
+    self.last_saved = f"step {start}" if start else None  # resumed from it
     self.progress.update(start, {})
     pending = None
     try:
@@ -282,12 +270,10 @@ class _Loop:
           pending = None
       if pending is not None:
         self._log(*pending)
-    finally:
-      self.preemption.close()
-      self.train_it.close()
-      self.ckpt.close()
-      self.writer.close()
-      self.progress.close()
+    finally:  # the input pipeline and checkpointer are closed by train_stage
+      with contextlib.ExitStack() as stack:  # each closes even if another fails (a full disk)
+        for thing in (self.preemption, self.writer, self.progress):
+          stack.callback(thing.close)
     return self.state
 
   def _save(self, step, data_state, pending):
@@ -298,8 +284,44 @@ class _Loop:
     if pending is not None:
       self._log(*pending)
     self.writer.flush()
+    # Nothing non-finite is ever saved: the guard's counters (a fetch of this step, which the
+    # save waits for anyway), then every parameter.
+    self._check_guard(step, _guard_counts(jax.device_get(self.state.guard)))
+    workdir_lock.check(self.workdir)  # still ours: never write next to another run
+    if not bool(self.all_finite(self.state.params)):
+      raise errors.TrainingDiverged(
+          f"{self.workdir}: step {step}: the params are not finite; not saving them "
+          f"(the newest checkpoint, {self.last_saved or 'none yet'}, is intact)")
     self.ckpt.save(step, self.state, data_state, self.config.to_dict(), self.meta)
+    self.last_saved = f"step {step}"
     return None  # nothing pending any more
+
+  def _check_guard(self, step, counts, values=None):
+    """Acts on the update guard's counters (`train_state.new_guard`) as of `step`: a non-finite
+    update stops the run (train.nonfinite='stop'); more than train.max_skipped_steps skips in a
+    row stop it too; any other skip is logged."""
+    t, seen = self.config.train, self.guard_seen
+    nonfinite = counts["nonfinite_steps"] - seen["nonfinite_steps"]
+    spikes = counts["spike_steps"] - seen["spike_steps"]
+    at = counts["last_skipped_step"]
+    where = f"{self.workdir}: step {step}" + (
+        f" (loss {values['loss']:.4g}, gradient norm {values['grad_norm']:.4g})" if values else "")
+    kept = (f"nothing after them was saved: the newest checkpoint "
+            f"({self.last_saved or 'none yet'}) is intact")
+    if nonfinite and t.nonfinite == "stop":
+      raise errors.TrainingDiverged(
+          f"{where}: {nonfinite} update(s) since step {seen['step']} had a non-finite loss, "
+          f"gradient or params (the last at step {at}). They were not applied and {kept}. Lower "
+          "optim.lr or lengthen optim.warmup_steps, or set train.nonfinite=skip to skip such "
+          f"updates (at most train.max_skipped_steps={t.max_skipped_steps} in a row)")
+    if counts["skip_streak"] > t.max_skipped_steps:
+      raise errors.TrainingDiverged(
+          f"{where}: the last {counts['skip_streak']} updates in a row were skipped (non-finite "
+          f"or loss spikes; train.max_skipped_steps={t.max_skipped_steps}); {kept}")
+    if nonfinite or spikes:
+      logging.warning("step %d: skipped %d non-finite update(s) and %d loss spike(s) since step "
+                      "%s (last at step %d)", step, nonfinite, spikes, seen["step"], at)
+    self.guard_seen = counts | {"step": step}
 
   def _evaluate(self, step, pending):
     if pending is not None:
@@ -349,6 +371,13 @@ class _Loop:
     values |= self._throughput(values)
     self.writer.write(step, values)
     self.progress.update(step, values)
+    self._check_guard(step, _guard_counts(values), values)
+
+
+def _guard_counts(values) -> dict:
+  """The guard counters the host acts on, as ints (from the state or the step's metrics)."""
+  keys = ("nonfinite_steps", "spike_steps", "skip_streak", "last_skipped_step")
+  return {k: int(values[k]) for k in keys} | {"step": None}
 
 
 def _host_stats(local):

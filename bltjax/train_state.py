@@ -21,9 +21,19 @@ from bltjax.model.entropy_model import EntropyModel
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array  # number of optimizer updates applied so far
+  step: jax.Array  # number of train steps taken so far (skipped updates included)
   params: Any
   opt_state: Any
+  guard: Any  # counters of the update guard (new_guard; bltjax.step)
+
+
+def new_guard() -> dict:
+  """Counters of skipped updates, kept on the devices and checkpointed with the state:
+  non-finite and loss-spike skips so far, the current run of consecutive skips, the last
+  skipped step (1-based), and the running loss mean for spike detection."""
+  zero = jnp.zeros((), jnp.int32)
+  return dict(nonfinite_steps=zero, spike_steps=zero, skip_streak=zero, last_skipped_step=zero,
+              loss_ema=jnp.zeros((), jnp.float32), loss_ema_steps=zero)
 
 
 def build_model(config) -> nn.Module:
@@ -36,7 +46,7 @@ def make_init_fn(config, model, optimizer: optax.GradientTransformation):
   def init(rng):
     params = model.init(rng, *batch_lib.example_inputs(config))["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params))
+                      opt_state=optimizer.init(params), guard=new_guard())
   return init
 
 
@@ -71,5 +81,5 @@ def init_state_from(config, optimizer, mesh, abstract, shardings, path: str):
   params = checkpoint.restore_params(path, abstract.params)
   with sharding.mesh_context(mesh):
     return jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
-                                        opt_state=optimizer.init(p)),
+                                        opt_state=optimizer.init(p), guard=new_guard()),
                    in_shardings=(shardings.params,), out_shardings=shardings)(params)

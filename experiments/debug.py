@@ -83,6 +83,8 @@ def get_config(arg=None):
       mixture=(),             # weighted sources, e.g. (dict(name="web", source="jsonl", paths=(...),
                               # weight=0.7, text_field="text"), ...); () = the source above
       shuffle_window=1024,    # jsonl/parquet: documents shuffled within windows of this many
+      max_document_bytes=64 << 20,  # longer documents (a multi-GB one-line file or JSONL
+                                    # record) keep their first 64 MiB: oversized_docs
       seq_len=384,            # N bytes per row (+1 for the targets)
       eval_fraction=0.02,     # documents held out (by hashed path) for evaluation
       shards=0,               # data shards (0: one per process); fixing it makes the batches
@@ -104,7 +106,12 @@ def get_config(arg=None):
       eval_every=100,         # steps between held-out evaluations (0: never)
       eval_batches=4,         # batches per evaluation
       checkpoint_every=100,   # steps between checkpoints (and one at the end)
-      keep_checkpoints=3)     # latest checkpoints kept
+      keep_checkpoints=3,     # latest checkpoints kept
+      nonfinite="stop",       # non-finite loss/gradients: stop the run, with the last good
+                              # checkpoint kept ('skip': skip such updates and go on)
+      max_skipped_steps=10,   # consecutive skipped updates (either kind) before the run stops
+      loss_spike_factor=0.0,  # >0: skip updates whose loss > factor x its running mean (0: off)
+      loss_spike_window=100)  # horizon of that running mean, in accepted updates
 
   c.optim = dict(
       lr=3e-3,                # peak learning rate (tiny model, short run)
@@ -135,7 +142,9 @@ def get_config(arg=None):
                 read_buffer=64,
                 host_hash_ids=False, preprocessed_dir=placeholder(str)),
       train=dict(steps=200, batch_size=16, microbatches=1, log_every=20, eval_every=100,
-                 eval_batches=4, checkpoint_every=100, keep_checkpoints=2),
+                 eval_batches=4, checkpoint_every=100, keep_checkpoints=2,
+                 nonfinite="stop", max_skipped_steps=10, loss_spike_factor=0.0,
+                 loss_spike_window=100),  # the update guard, as above
       optim=dict(lr=3e-3, warmup_steps=20, lr_min_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
                  weight_decay=0.1, clip_norm=1.0),
       mesh=dict(shape=(1, -1, 1)))

@@ -43,6 +43,8 @@ def get_config(arg=None):
       mixture=(),              # weighted sources (dicts: name, source, paths, weight, text_field);
                                # () = the single source above. Weights are shares of bytes.
       shuffle_window=1024,     # jsonl/parquet: documents shuffled within windows of this many
+      max_document_bytes=64 << 20,  # longer documents (a multi-GB one-line file or JSONL
+                                    # record) keep their first 64 MiB: oversized_docs
       seq_len=8192,            # bytes per row (reference: seq_len = max_encoder_seq_length = 8192)
       eval_fraction=0.001,     # held-out documents
       shards=0,                # data shards (0: one per process)
@@ -61,7 +63,11 @@ def get_config(arg=None):
       eval_every=2_000,
       eval_batches=16,
       checkpoint_every=2_000,
-      keep_checkpoints=3)
+      keep_checkpoints=3,
+      nonfinite="stop",         # non-finite loss/gradients: stop ('skip': skip the update, go on)
+      max_skipped_steps=10,     # consecutive skipped updates before the run stops
+      loss_spike_factor=0.0,    # >0: skip updates whose loss > factor x running mean (0: off)
+      loss_spike_window=100)    # horizon of that running mean (accepted steps)
   c.optim = dict(
       lr=4e-4, warmup_steps=500, lr_min_ratio=0.1,  # reference entropy_model.yaml
       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,  # reference AdamW, decay on every parameter

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bltjax import tokenizer
-from bltjax.data import paths, sources
+from bltjax.data import flags, paths, sources
 from bltjax.data.sources import Document
 
 
@@ -178,26 +178,101 @@ def test_document_to_tokens():
       out["tokens"], [tokenizer.BOS_ID, ord("h") + 4, ord("i") + 4, tokenizer.EOS_ID])
   np.testing.assert_array_equal(out["doc_flags"], [0, 0, 0, 0])
 
+  bit = flags.BIT
   cases = {
-      Document(b"\xff\xfe", None): sources.FLAG_INVALID_UTF8,
-      Document(b"a\x00b", None): sources.FLAG_NUL,
-      Document(b"\xff\x00", None): sources.FLAG_INVALID_UTF8 | sources.FLAG_NUL,
-      Document(b"", "empty"): sources.FLAG_EMPTY,
-      Document(b"", "unreadable"): sources.FLAG_UNREADABLE,
-      Document(b"", "malformed"): sources.FLAG_UNREADABLE,
+      Document(b"\xff\xfe", None): bit["invalid_utf8"],
+      Document(b"a\x00b", None): bit["nul"],
+      Document(b"\xff\x00", None): bit["invalid_utf8"] | bit["nul"],
+      Document(b"", "empty"): bit["empty"],
+      Document(b"", "unreadable"): bit["unreadable"],
+      Document(b"", "malformed"): bit["malformed"],
+      Document(b"\xc3\xa9\xc3", "oversized"): bit["oversized"],  # cut inside a character
+      Document(b"\xff\xc3", "oversized"): bit["oversized"] | bit["invalid_utf8"],
   }
-  for doc, flags in cases.items():
+  for doc, flag in cases.items():
     out = to_tokens.map(doc)
     np.testing.assert_array_equal(out["tokens"], tokenizer.encode(doc.data))
-    assert out["doc_flags"][0] == flags and not out["doc_flags"][1:].any(), doc
+    assert out["doc_flags"][0] == flag and not out["doc_flags"][1:].any(), doc
   with pytest.raises(ValueError, match="problem"):
     to_tokens.map(Document(b"", "lost"))
 
   batch = np.stack([np.pad(to_tokens.map(doc)["doc_flags"], (0, 4))[:4] for doc in cases])
-  assert sources.count_flags(batch) == {
-      "invalid_utf8_docs": 2, "nul_docs": 2, "empty_docs": 1, "unreadable_docs": 2}
-  assert sources.count_flags(np.zeros((2, 3, 5), np.int8)) == {
-      "invalid_utf8_docs": 0, "nul_docs": 0, "empty_docs": 0, "unreadable_docs": 0}
+  assert flags.count_flags(batch) == {
+      "invalid_utf8_docs": 3, "nul_docs": 2, "empty_docs": 1, "unreadable_docs": 1,
+      "malformed_docs": 1, "oversized_docs": 2}
+  assert flags.count_flags(np.zeros((2, 3, 5), np.int8)) == dict.fromkeys(flags.NAMES, 0)
+
+
+def test_flag_table():
+  """One table: bits, metric names, batch columns and stored counts agree."""
+  from bltjax import batch as batch_lib
+  from bltjax.data import preprocessed
+  assert flags.NAMES == batch_lib.FLAG_NAMES == tuple(f"{f}_docs" for f in flags.FLAGS)
+  assert flags.NAMES[:4] == ("invalid_utf8_docs", "nul_docs", "empty_docs", "unreadable_docs")
+  assert [flags.BIT[f] for f in flags.FLAGS] == [1 << i for i in range(len(flags.FLAGS))]
+  assert set(sources.PROBLEMS) <= set(flags.FLAGS)
+  counts = np.arange(2 * len(flags.FLAGS), dtype=np.int32).reshape(2, -1)
+  rows = preprocessed.encode_rows(np.ones((2, 8), np.int32), np.ones((2, 8), np.int32),
+                                  np.ones((2, 8)), counts, np.zeros((2, 8)), "float16")
+  assert rows.shape == (2, preprocessed.record_bytes(8, "float16"))
+  np.testing.assert_array_equal(preprocessed.decode_rows(rows, 8, "float16")["doc_flag_counts"],
+                                counts)
+  with pytest.raises(ValueError, match="doc_flag_counts"):
+    preprocessed.encode_rows(np.ones((2, 8), np.int32), np.ones((2, 8), np.int32),
+                             np.ones((2, 8)), counts[:, :4], np.zeros((2, 8)), "float16")
+
+
+def test_old_preprocessed_rows_are_refused(tmp_path):
+  """Version 1 rows hold 4 counts (malformed folded into unreadable, long documents uncut)."""
+  import json
+  from bltjax.data import preprocessed
+  (tmp_path / preprocessed.MANIFEST).write_text(json.dumps(
+      dict(format=preprocessed.FORMAT, version=1)))
+  with pytest.raises(ValueError, match=r"version 1 rows hold 4 document counts.*re-run"):
+    preprocessed.read_manifest(tmp_path)
+
+
+def test_file_documents_are_cut_at_max_document_bytes(tmp_path, caplog):
+  (tmp_path / "big.txt").write_bytes(b"0123456789" * 300)
+  (tmp_path / "fits.txt").write_bytes(b"x" * 100)
+  src = sources.TextFilesSource([str(tmp_path / "*.txt")], max_document_bytes=100)
+  with caplog.at_level("WARNING"):
+    assert src[0] == Document(b"0123456789" * 10, "oversized")
+  assert "oversized" in caplog.text and "big.txt" in caplog.text
+  assert src[1] == Document(b"x" * 100, None)
+  assert pickle.loads(pickle.dumps(src))[0] == src[0]
+  write_arrayrecord(tmp_path / "r.arrayrecord", [b"y" * 101, b"z"])
+  records = sources.ArrayRecordSource([str(tmp_path / "r.arrayrecord")], max_document_bytes=100)
+  assert [records[0], records[1]] == [Document(b"y" * 100, "oversized"), Document(b"z", None)]
+
+
+def test_read_prefix_reads_at_most_one_byte_more():
+  import io
+
+  class Counting(io.BytesIO):
+    read_bytes = 0
+
+    def read(self, n=-1):
+      assert n is not None and n >= 0, "never read to the end"
+      out = super().read(n)
+      self.read_bytes += len(out)
+      return out
+
+  f = Counting(b"a" * (5 << 20))
+  assert sources.read_prefix(f, 3 << 20) == b"a" * ((3 << 20) + 1)
+  assert f.read_bytes == (3 << 20) + 1
+  assert sources.read_prefix(Counting(b"short"), 3 << 20) == b"short"
+
+
+def test_problems_are_logged_boundedly(caplog):
+  log = sources.ProblemLog("src")
+  with caplog.at_level("WARNING"):
+    for i in range(3 * sources.MAX_READ_WARNINGS):
+      log("malformed", f"k{i}", "bad")
+    log("unreadable", "u", "gone")
+  assert caplog.text.count("malformed document k") == sources.MAX_READ_WARNINGS
+  assert "only counted" in caplog.text and "unreadable document u" in caplog.text
+  assert log.counts == {"malformed": 3 * sources.MAX_READ_WARNINGS, "unreadable": 1}
 
 
 def test_grain_pipeline(tmp_path):

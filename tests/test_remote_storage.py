@@ -197,12 +197,12 @@ def test_missing_bucket_fails_early_with_one_line(gcs, tmp_path):
   lines = proc.stdout.splitlines()
   assert lines[0] == "no error" and lines[1].startswith("FileNotFoundError: ") and \
       lines[1].endswith("nothing at gs://bltjax-test/nothing/here"), lines
-  # The CLIs stop before loading anything, the last line of the traceback names the problem.
+  # The CLIs stop before loading anything, with one line that names the problem.
   proc = subprocess.run([sys.executable, "-m", "bltjax.export", f"--workdir={tmp_path}",
                          f"--out={url}"], cwd=str(tmp_path), env=gcs.environ(),
                         capture_output=True, text=True, timeout=120)
-  assert _one_line_error(proc) == f"FileNotFoundError: {url}: bucket gs://no-such-bucket-bltjax " \
-      "does not exist"
+  assert _one_line_error(proc) == f"error: {url}: bucket gs://no-such-bucket-bltjax does not exist"
+  assert "Traceback" not in proc.stderr
   assert not os.path.exists(tmp_path / "gs:")
 
 

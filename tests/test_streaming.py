@@ -82,8 +82,8 @@ def test_parquet_documents(tmp_path):
   pq.write_table(pa.table({"body": pa.array([b"\xff\x00", b"ok"], pa.binary())}),
                  tmp_path / "b.parquet")
   files = [str(tmp_path / f"{i}.parquet") for i in (0, 1)]
-  assert list(stream(files, "parquet")) == [
-      Document(b"a", None), Document(b"", "empty"), Document(b"ccc", None),
+  assert list(stream(files, "parquet")) == [  # null: as a JSON null, malformed
+      Document(b"a", None), Document(b"", "malformed"), Document(b"ccc", None),
       Document(b"", "empty"), Document(b"e", None), Document(b"f", None),
       Document(b"gg", None), Document(b"h", None)]
   keys = [key for key, _, _ in formats.make("parquet", "text", None).read(files[0], [1, 1])]
@@ -99,6 +99,49 @@ def test_parquet_documents(tmp_path):
   (tmp_path / "junk.parquet").write_bytes(b"junk")  # unreadable: one counted document
   assert list(stream([str(tmp_path / "junk.parquet")], "parquet")) == [
       Document(b"", "unreadable")]
+
+
+def test_long_lines_are_read_boundedly(tmp_path):
+  """A JSONL line longer than line_limit is never held whole: its head is kept, the rest skipped
+  (and the offsets still restart at the next line)."""
+  long_text = "é" * 50_000 + "tail"
+  lines = [json.dumps({"text": "a"}), json.dumps({"id": 7, "text": long_text}),
+           json.dumps({"text": "b" * 300}), json.dumps({"meta": "m" * (20 << 20), "text": "lost"}),
+           json.dumps({"text": "\\" * 40_000}), json.dumps({"text": "last"})]
+  path = tmp_path / "long.jsonl"
+  path.write_text("\n".join(lines))  # no final newline
+  fmt = formats.make("jsonl", "text", sources.ProblemLog("t"), max_bytes=101)
+  assert formats.line_limit(101) < 70_000 < len(lines[1])
+  tracemalloc.start()
+  items = list(fmt.read(str(path), formats.START))
+  peak = tracemalloc.get_traced_memory()[1]
+  tracemalloc.stop()
+  assert peak < 4 << 20  # the 20 MiB line is never held: a chunk and a cut head
+  assert [pos for _, _, pos in items][-1] == [path.stat().st_size, 6]
+  docs = [fmt.decode(raw, key) for key, raw, _ in items]
+  assert docs == [
+      Document(b"a", None),
+      # Cut inside 'é' (2 bytes) at byte 101: the prefix ends mid-character, as cut.
+      Document(long_text.encode()[:101], "oversized"),
+      Document(b"b" * 101, "oversized"),  # parsed whole, then cut
+      Document(b"", "oversized"),  # the text field comes after the cut
+      Document(b"\\" * 101, "oversized"), Document(b"last", None)]
+  # Restarting after the long line reads the next one.
+  key, raw, _ = next(fmt.read(str(path), items[1][2]))
+  assert key == f"{path}:3" and fmt.decode(raw, key) == Document(b"b" * 101, "oversized")
+
+
+def test_lines_reader_on_chunk_boundaries(monkeypatch):
+  import io
+  monkeypatch.setattr(formats, "_CHUNK", 3)
+  data = b"ab\n\ncdefgh\nij\nklmnopqrstu\nvw"
+  lines = formats._Lines(io.BytesIO(data), 6)
+  got = []
+  while (line := lines.next()) is not None:
+    got.append((bytes(line), getattr(line, "size", len(line))))
+  assert got == [(b"ab\n", 3), (b"\n", 1), (b"cdefgh\n", 7), (b"ij\n", 3),
+                 (b"klmnop", 12), (b"vw", 2)]
+  assert sum(size for _, size in got) == len(data)
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "parquet"])

@@ -221,7 +221,7 @@ def _signal_after(workdir, step, sig, **popen_kw):
   return proc, cmd, env
 
 
-@pytest.mark.slow
+@pytest.mark.long  # more kills, one during a save: tests/test_faults.py
 def test_sigkill_then_rerun_continues_with_the_same_losses(tmp_path, uninterrupted_losses):
   """Kill -9 during the BLT stage; the same command resumes and matches an uninterrupted run."""
   import signal
@@ -233,7 +233,7 @@ def test_sigkill_then_rerun_continues_with_the_same_losses(tmp_path, uninterrupt
   assert losses(killed) == uninterrupted_losses
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_sigterm_checkpoints_exits_zero_and_resumes(tmp_path, uninterrupted_losses):
   """Preemption: SIGTERM -> checkpoint at the next step boundary, exit 0; the rerun continues
   with the losses of an uninterrupted run."""

@@ -22,10 +22,7 @@ import grain
 import jax
 import numpy as np
 
-from bltjax.data import mixture, paths as paths_lib, preprocessed, sources, streams
-
-_FLAG_BITS = (sources.FLAG_INVALID_UTF8, sources.FLAG_NUL, sources.FLAG_EMPTY,
-              sources.FLAG_UNREADABLE)
+from bltjax.data import flags, mixture, paths as paths_lib, preprocessed, sources, streams
 
 source_names = mixture.source_names
 
@@ -69,23 +66,29 @@ class SplitView:
 
 
 class WindowToExample(grain.transforms.Map):
-  """A packed window of N + 1 ids -> inputs, targets, loss mask and per-row document flags."""
+  """A packed window of N + 1 ids -> inputs, targets, loss mask and per-row document flags
+  (`doc_flag_counts`: documents per flag, in `flags.FLAGS` order)."""
 
   def map(self, w):
-    tokens, seg, flags = w["tokens"], w["tokens_segment_ids"], w["doc_flags"]
-    counts = np.array([np.count_nonzero(flags & bit) for bit in _FLAG_BITS], np.int32)
+    tokens, seg = w["tokens"], w["tokens_segment_ids"]
+    counts = flags.counts(w["doc_flags"])
     return dict(tokens=tokens[:-1].astype(np.int32), targets=tokens[1:].astype(np.int32),
                 # Padding (segment 0) only occurs at the end of a finite stream.
                 mask=(seg[1:] > 0).astype(np.float32), doc_flag_counts=counts)
 
 
 @functools.lru_cache(maxsize=8)
-def _listed_source(kind, paths, eval_fraction, cwd):
+def _listed_source(kind, paths, eval_fraction, max_document_bytes, cwd):
   """stdlib/text: the file list and its held-out split, once per process (hashes of the paths
   only; files are read when their documents are). `cwd` keys relative paths."""
   del cwd
-  source = sources.build_source(kind, paths)
+  source = sources.build_source(kind, paths, max_document_bytes=max_document_bytes)
   return source, sources.split_indices(source, eval_fraction)
+
+
+def max_document_bytes(data_cfg) -> int:
+  """data.max_document_bytes; hand-built data configs (tests, bench_data) may leave it out."""
+  return int(data_cfg.get("max_document_bytes", sources.MAX_DOCUMENT_BYTES))
 
 
 def _shard_files(comp, data_cfg, shard: int, shards: int) -> list[str]:
@@ -103,13 +106,16 @@ def _documents(comp, data_cfg, split, *, seed, shard, shards, shuffle, num_epoch
   """Shard `shard`'s documents of `split` of one source: a MapDataset (random access) or an
   IterDataset (streamed) of `Document`s."""
   name = f"{comp.name} shard {shard}/{shards}"
+  max_bytes = max_document_bytes(data_cfg)
   if comp.source in sources.STREAMED:  # shuffles and repeats itself
     return streams.DocumentStream(
         comp.source, _shard_files(comp, data_cfg, shard, shards), text_field=comp.text_field,
         split=split, eval_fraction=data_cfg.eval_fraction, seed=seed, shard=shard,
-        shuffle=shuffle, window=data_cfg.shuffle_window, num_epochs=num_epochs, name=name)
+        shuffle=shuffle, window=data_cfg.shuffle_window, num_epochs=num_epochs, name=name,
+        max_document_bytes=max_bytes)
   if comp.source == "arrayrecord":
-    view = SplitView(sources.ArrayRecordSource(_shard_files(comp, data_cfg, shard, shards)),
+    view = SplitView(sources.ArrayRecordSource(_shard_files(comp, data_cfg, shard, shards),
+                                               max_bytes),
                      split, data_cfg.eval_fraction)
     if view.first() is None:
       raise ValueError(f"data: {name} has no {split} documents among its {len(view)} records "
@@ -117,7 +123,7 @@ def _documents(comp, data_cfg, split, *, seed, shard, shards, shuffle, num_epoch
     ds = grain.MapDataset.source(view)
   else:
     source, (train_idx, eval_idx) = _listed_source(comp.source, comp.paths,
-                                                   data_cfg.eval_fraction, os.getcwd())
+                                                   data_cfg.eval_fraction, max_bytes, os.getcwd())
     idx = train_idx if split == "train" else eval_idx
     logging.info("data: %s split of %r: %d of %d documents", split, source, len(idx),
                  len(source))
@@ -238,6 +244,8 @@ def make_dataset(config, split: str, *, local_batch_size: int, patch=None,
     it = it.map(patch)
   workers = d.num_workers if num_workers is None else num_workers
   if workers > 0:
+    from bltjax.data.workers import init_worker  # workers end with this process
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                     per_worker_buffer_size=d.worker_buffer))
+                                                     per_worker_buffer_size=d.worker_buffer),
+                        worker_init_fn=init_worker)
   return it

@@ -29,21 +29,24 @@ class ThreadPrefetcher:
     self._thread = threading.Thread(target=self._work, name="bltjax-prefetch", daemon=True)
     self._thread.start()
 
+  def _put(self, item):
+    """Blocks until there is room or close() is called (a full queue must not hang close)."""
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return
+      except queue.Full:
+        continue
+
   def _work(self):
     try:
       while not self._stop.is_set():
         batch = next(self._it)
-        item = (self._transform(batch), self._it.get_state())
-        while not self._stop.is_set():
-          try:
-            self._queue.put(item, timeout=0.1)
-            break
-          except queue.Full:
-            continue
+        self._put((self._transform(batch), self._it.get_state()))
     except StopIteration:
-      self._queue.put((_END, None))
+      self._put((_END, None))
     except BaseException as e:  # surfaced in the training thread by __next__
-      self._queue.put((e, None))
+      self._put((e, None))
 
   def __iter__(self):
     return self
@@ -63,7 +66,7 @@ class ThreadPrefetcher:
     return json.dumps(self._state).encode()
 
   def set_state(self, state: bytes):
-    self.close()
+    self._stop_thread()
     self._state = json.loads(state)
     self._it.set_state(self._state)
     self._start()
@@ -71,6 +74,12 @@ class ThreadPrefetcher:
   def start_prefetch(self):
     pass  # the thread is already running
 
-  def close(self):
+  def _stop_thread(self):
     self._stop.set()
     self._thread.join()
+
+  def close(self):
+    """Stops the thread, then the grain iterator's own threads and worker processes."""
+    self._stop_thread()
+    if hasattr(self._it, "close"):
+      self._it.close()

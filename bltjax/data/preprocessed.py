@@ -21,15 +21,19 @@ shard: train.steps * train.batch_size / T (train), train.eval_batches * train.ba
 
 Record (one per row, fixed size, little-endian, no header; ArrayRecord group_size:1, zstd):
 
-  doc_flag_counts int32 [4] | entropies float16|float32 [N] (nats) | window uint16 [N + 1]
+  doc_flag_counts int32 [F] | entropies float16|float32 [N] (nats) | window uint16 [N + 1]
   | mask bits uint8 [ceil(N / 8)] (np.packbits)
 
 tokens = window[:-1], targets = window[1:] (int32 once read); the mask is 1 for real targets.
+F = len(flags.FLAGS) document counts, in that table's order (version 2: 6 counts, malformed and
+oversized apart; version 1 stored 4, counted malformed records as unreadable and did not cut long
+documents, so its rows are not this pipeline's: it is refused, not read with zeros).
 
 Manifest keys: format, version, seq_len, shards, rows_per_shard {SPLIT: rows}, entropy_model
 {path, step, sha256}, entropy_dtype, record_bytes, data {source, paths, text_field,
-eval_fraction, seed, mixture, shuffle_window}, train {steps, batch_size, eval_batches}
-(informative), fingerprint (sha256 of the fields that determine the bytes on disk), complete.
+eval_fraction, seed, mixture, shuffle_window, max_document_bytes}, train {steps, batch_size,
+eval_batches} (informative), fingerprint (sha256 of the fields that determine the bytes on
+disk), complete.
 
 gs://: the manifest and markers go through etils.epath; ArrayRecord files are read straight from
 gs://, no local copy (array_record's reader has its own GCS client: credentials from the
@@ -49,11 +53,12 @@ import numpy as np
 from etils import epath
 
 from bltjax import storage
+from bltjax.data import flags
 
-FORMAT, VERSION = "bltjax.preprocessed", 1
+FORMAT, VERSION = "bltjax.preprocessed", 2
 ENTROPY_DTYPES = ("float16", "float32")
 MANIFEST = "manifest.json"
-_COUNTS = 4  # doc_flag_counts per row
+_COUNTS = len(flags.FLAGS)  # doc_flag_counts per row
 # Manifest fields that determine the bytes on disk (the entropy model enters by its sha256).
 IDENTITY = ("format", "version", "seq_len", "shards", "rows_per_shard", "entropy_dtype", "data")
 
@@ -102,12 +107,14 @@ def fingerprint(manifest: dict) -> str:
 
 def data_identity(config) -> dict:
   """The data config fields that, with seq_len and the shard count, determine the rows."""
+  from bltjax.data import pipeline  # pipeline imports this module
   d = config.data
   mixture = [dict(m) for m in (d.get("mixture") or ())]
   return dict(source=d.source, paths=[str(p) for p in (d.paths or ())], text_field=d.text_field,
               eval_fraction=float(d.eval_fraction), seed=int(config.seed),
               mixture=[dict(m, paths=[str(p) for p in m.get("paths", ())]) for m in mixture],
-              shuffle_window=d.get("shuffle_window"))
+              shuffle_window=d.get("shuffle_window"),
+              max_document_bytes=pipeline.max_document_bytes(d))
 
 
 def read_manifest(directory) -> dict:
@@ -119,9 +126,11 @@ def read_manifest(directory) -> dict:
     raise FileNotFoundError(f"{directory}: no {MANIFEST}; write it with python -m "
                             "bltjax.preprocess --config=... --out=DIR")
   if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    old = (" (version 1 rows hold 4 document counts, not malformed/oversized apart, and long "
+           "documents uncut)" if manifest.get("version") == 1 else "")
     raise ValueError(f"{directory}/{MANIFEST}: format {manifest.get('format')!r} version "
-                     f"{manifest.get('version')}, this bltjax reads {FORMAT!r} version {VERSION}: "
-                     "re-run python -m bltjax.preprocess")
+                     f"{manifest.get('version')}, this bltjax reads {FORMAT!r} version {VERSION}"
+                     f"{old}: re-run python -m bltjax.preprocess into another --out")
   return dict(manifest, directory=str(directory))
 
 
@@ -148,10 +157,13 @@ def record_bytes(seq_len: int, entropy_dtype: str) -> int:
 
 
 def encode_rows(tokens, targets, mask, doc_flag_counts, entropies, entropy_dtype: str):
-  """Rows ([R, N] arrays, counts [R, 4]) -> uint8 [R, record_bytes] (one record per row)."""
+  """Rows ([R, N] arrays, counts [R, F]) -> uint8 [R, record_bytes] (one record per row)."""
   r, n = tokens.shape
   if not np.array_equal(tokens[:, 1:], targets[:, :-1]):
     raise ValueError("rows are not packed windows (targets are not the tokens shifted by one)")
+  if np.shape(doc_flag_counts) != (r, _COUNTS):
+    raise ValueError(f"doc_flag_counts of shape {np.shape(doc_flag_counts)}, expected "
+                     f"{(r, _COUNTS)} (one count per bltjax.data.flags.FLAGS)")
   window = np.concatenate([tokens, targets[:, -1:]], axis=1)
   if window.min() < 0 or window.max() > np.iinfo(np.uint16).max:
     raise ValueError(f"token ids outside uint16: [{window.min()}, {window.max()}]")
@@ -285,7 +297,7 @@ def _open(config, split: str, process_count: int | None):
 
 def batches(config, split, *, local_batch_size, process_index, process_count, source=None):
   """IterDataset of this process's local batches: tokens, targets int32 [B, N], mask f32 [B, N],
-  doc_flag_counts int32 [B, 4], entropies f32 [B, N]; the online pipeline's batches row for row.
+  doc_flag_counts int32 [B, F], entropies f32 [B, N]; the online pipeline's batches row for row.
 
   This process reads `pipeline.data_shards(config.data, ...)`, each shard's rows in order,
   local_batch_size / len(shards) rows per shard per batch, concatenated in shard order. After the

@@ -5,9 +5,14 @@ document): `len(src)`, `src[i] -> Document`, `src.key(i)` (a stable id, hashed b
 JSONL and Parquet are streamed (`bltjax.data.streams`). Sources pickle for grain's workers: files
 are opened per read, readers are not pickled. Nothing is dropped silently: documents failing at
 read time (empty, unreadable, malformed) come back with `problem` set and become flagged
-`[BOS, EOS]` in `DocumentToTokens`, which the training metrics count.
+`[BOS, EOS]` in `DocumentToTokens`, which the training metrics count (`bltjax.data.flags`).
+A document longer than `max_document_bytes` (data.max_document_bytes) keeps its first that many
+bytes and is flagged oversized: a prefix trains, and the cut is counted, not silent. Files are read
+at most that many bytes (+ 1) into memory; an ArrayRecord record is read whole, then cut.
 """
 
+import codecs
+import collections
 import hashlib
 import logging
 import operator
@@ -25,22 +30,20 @@ import grain
 import numpy as np
 
 from bltjax import tokenizer
-from bltjax.data import paths as paths_lib
+from bltjax.data import flags as flags_lib, paths as paths_lib
 
 Document = typing.NamedTuple("Document", [("data", bytes), ("problem", str | None)])
-PROBLEMS = ("empty", "unreadable", "malformed")
+PROBLEMS = flags_lib.PROBLEMS  # Document.problem: None or one of these
 SOURCES = ("stdlib", "text", "jsonl", "parquet", "arrayrecord")
 STREAMED = ("jsonl", "parquet")  # read sequentially, sharded by file (bltjax.data.streams)
-
-FLAG_INVALID_UTF8 = 1
-FLAG_NUL = 2
-FLAG_EMPTY = 4
-FLAG_UNREADABLE = 8  # Also set for "malformed" records.
+# data.max_document_bytes of the experiments: far above any real document, a bound on memory.
+MAX_DOCUMENT_BYTES = 64 << 20
+_READ_CHUNK = 1 << 20  # bytes per read() of a document file
 
 _STDLIB_SKIP_DIRS = frozenset(
     {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
 _LOG_EXAMPLES = 5  # Paths shown when logging exclusions.
-MAX_READ_WARNINGS = 10  # Per source/stream instance and process; flags count the rest.
+MAX_READ_WARNINGS = 10  # Per kind of problem, source/stream instance and process; flags count all.
 
 
 def to_bytes(text: str) -> bytes:
@@ -53,17 +56,41 @@ def to_bytes(text: str) -> bytes:
 
 
 class ProblemLog:
-  """Logs the first few read-time problems of one reader; `DocumentToTokens` counts all."""
+  """Logs the first few read-time problems of each kind of one reader (bounded: no log line per
+  document); `DocumentToTokens` flags every one, the metrics count them."""
 
   def __init__(self, name: str):
-    self.name, self.count = name, 0
+    self.name, self.counts = name, collections.Counter()
 
-  def __call__(self, problem: str, key: str, detail) -> Document:
-    self.count += 1
-    if self.count <= MAX_READ_WARNINGS:
-      more = " (further problems are only counted)" if self.count == MAX_READ_WARNINGS else ""
+  def __call__(self, problem: str, key: str, detail, data: bytes = b"") -> Document:
+    self.counts[problem] += 1
+    n = self.counts[problem]
+    if n <= MAX_READ_WARNINGS:
+      more = f" (further {problem} documents are only counted)" if n == MAX_READ_WARNINGS else ""
       logging.warning("%s: %s document %s: %s%s", self.name, problem, key, detail, more)
-    return Document(b"", problem)
+    return Document(data, problem)
+
+  def document(self, data: bytes, key: str, max_bytes: int, size=None) -> Document:
+    """`data` as a Document: flagged empty, or cut to `max_bytes` and flagged oversized.
+    `size`: the document's full length when known (else `len(data)`, maybe already cut)."""
+    if len(data) > max_bytes:
+      total = f"{size} bytes" if size is not None else f"more than {max_bytes} bytes"
+      return self("oversized", key, f"{total}, longer than data.max_document_bytes: kept its "
+                  f"first {max_bytes} bytes", bytes(data[:max_bytes]))
+    return Document(data, None) if data else self("empty", key, "no bytes")
+
+
+def read_prefix(f, max_bytes: int) -> bytes:
+  """At most `max_bytes + 1` bytes of file `f` (one more tells an oversized document), in chunks:
+  a huge file is never read whole, nor is a buffer of `max_bytes` allocated per small file."""
+  chunks, size = [], 0
+  while size <= max_bytes:
+    chunk = f.read(min(_READ_CHUNK, max_bytes + 1 - size))
+    if not chunk:
+      break
+    chunks.append(chunk)
+    size += len(chunk)
+  return b"".join(chunks)
 
 
 class _Source:
@@ -71,9 +98,9 @@ class _Source:
 
   _TRANSIENT = ("_readers", "_lock", "_problem")
 
-  def __init__(self, name: str, size: int):
+  def __init__(self, name: str, size: int, max_document_bytes: int):
     self.name = name
-    self._size = size
+    self._size, self.max_document_bytes = size, max_document_bytes
     self.index_stats = {"unreadable_files": 0, "empty_files": 0}
     self._reset()
 
@@ -115,8 +142,8 @@ class _FileSource(_Source):
   """One document per file; `key` is the path relative to `root` ("" = as given). Files are not
   stat'ed up front: empty and unreadable files are flagged when read."""
 
-  def __init__(self, name, root, keys):
-    super().__init__(name, len(keys))
+  def __init__(self, name, root, keys, max_document_bytes):
+    super().__init__(name, len(keys), max_document_bytes)
     self._root, self._keys = root, list(keys)
 
   def key(self, i) -> str:
@@ -125,11 +152,12 @@ class _FileSource(_Source):
   def _read(self, i) -> Document:
     key = self._keys[i]
     path = f"{self._root}/{key}" if self._root else key
-    try:
-      data = epath.Path(path).read_bytes()
+    try:  # A directory or broken symlink listed as a file fails here too.
+      with epath.Path(path).open("rb") as f:
+        data = read_prefix(f, self.max_document_bytes)
     except Exception as e:  # noqa: BLE001 -- any storage error: one counted unreadable document
       return self._problem("unreadable", path, e)
-    return Document(data, None) if data else Document(b"", "empty")
+    return self._problem.document(data, path, self.max_document_bytes)
 
 
 class StdlibSource(_FileSource):
@@ -138,7 +166,7 @@ class StdlibSource(_FileSource):
   The one source that excludes empty/unreadable files while listing (the stdlib is small and
   local): this keeps the quickstart's documents as they have always been."""
 
-  def __init__(self):
+  def __init__(self, max_document_bytes: int = MAX_DOCUMENT_BYTES):
     root = sysconfig.get_paths()["stdlib"]
     errors, keys, unreadable, empty = [], [], [], []
     for dirpath, dirnames, filenames in os.walk(root, onerror=errors.append):
@@ -159,7 +187,7 @@ class StdlibSource(_FileSource):
     # Directories os.walk could not list count as unreadable files.
     unreadable += [e.filename or str(e) for e in errors]
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    super().__init__(f"stdlib(python{version})", root, keys)
+    super().__init__(f"stdlib(python{version})", root, keys, max_document_bytes)
     self.index_stats.update(unreadable_files=len(unreadable), empty_files=len(empty))
     for what, excluded in (("unreadable", unreadable), ("empty", empty)):
       if excluded:
@@ -171,9 +199,9 @@ class StdlibSource(_FileSource):
 class TextFilesSource(_FileSource):
   """One document per file matched by glob patterns (local or gs://); `key` is the path."""
 
-  def __init__(self, patterns):
+  def __init__(self, patterns, max_document_bytes: int = MAX_DOCUMENT_BYTES):
     files = paths_lib.expand(patterns)
-    super().__init__(f"text({len(files)} files)", "", files)
+    super().__init__(f"text({len(files)} files)", "", files, max_document_bytes)
 
 
 class ArrayRecordSource(_Source):
@@ -184,7 +212,7 @@ class ArrayRecordSource(_Source):
 
   _READER_OPTIONS = "readahead_buffer_size:0"  # Random access: no readahead.
 
-  def __init__(self, files):
+  def __init__(self, files, max_document_bytes: int = MAX_DOCUMENT_BYTES):
     files = list(files)
     counts = []
     for path in files:
@@ -193,7 +221,8 @@ class ArrayRecordSource(_Source):
         raise ValueError(f"cannot open ArrayRecord file {path} (unreadable or not ArrayRecord)")
       counts.append(reader.num_records())
       reader.close()
-    super().__init__(f"arrayrecord({len(files)} files)", int(sum(counts)))
+    super().__init__(f"arrayrecord({len(files)} files)", int(sum(counts)),
+                     max_document_bytes)
     self._paths = files
     self._file_starts = np.cumsum([0] + counts[:-1]).astype(np.int64)  # [files]
     self.index_stats["empty_files"] = counts.count(0)
@@ -218,7 +247,8 @@ class ArrayRecordSource(_Source):
       data = reader.read([pos])[0]
     except (OSError, RuntimeError) as e:
       return self._problem("unreadable", self.key(i), e)
-    return Document(data, None) if data else Document(b"", "empty")
+    # The reader returns the record whole: a huge record is cut after reading.
+    return self._problem.document(data, self.key(i), self.max_document_bytes, len(data))
 
 
 def check_source(kind: str, paths=(), text_field: str = "text", where: str = "data") -> list:
@@ -238,16 +268,17 @@ def check_source(kind: str, paths=(), text_field: str = "text", where: str = "da
   return paths
 
 
-def build_source(kind: str, paths=(), text_field: str = "text"):
+def build_source(kind: str, paths=(), text_field: str = "text",
+                 max_document_bytes: int = MAX_DOCUMENT_BYTES):
   """The random-access source `kind` over glob `paths` (every matched file)."""
   paths = check_source(kind, paths, text_field)
   if kind in STREAMED:
     raise ValueError(f"data source {kind!r} is streamed: see bltjax.data.streams")
   if kind == "stdlib":
-    return StdlibSource()
+    return StdlibSource(max_document_bytes)
   if kind == "text":
-    return TextFilesSource(paths)
-  return ArrayRecordSource(paths_lib.expand(paths))
+    return TextFilesSource(paths, max_document_bytes)
+  return ArrayRecordSource(paths_lib.expand(paths), max_document_bytes)
 
 
 def key_hash(key: str) -> int:
@@ -288,32 +319,39 @@ def split_indices(source, eval_fraction: float) -> tuple[np.ndarray, np.ndarray]
 
 
 class DocumentToTokens(grain.transforms.Map):
-  """Document -> {"tokens": BOS + (byte + 4)... + EOS, "doc_flags": FLAG_* bits at index 0}."""
+  """Document -> {"tokens": BOS + (byte + 4)... + EOS, "doc_flags": flag bits at index 0}.
+
+  Flags: `bltjax.data.flags`. Invalid UTF-8 and NUL bytes are kept (every byte is a valid input
+  id) and flagged; the first few of each are logged with their offset and the bytes around it (a
+  Document carries no key: the readers log the keys of the problems they meet)."""
+
+  def __init__(self):
+    self._logged = collections.Counter()
 
   def map(self, element) -> dict[str, np.ndarray]:
     data, problem = element
     if problem is not None and problem not in PROBLEMS:
       raise ValueError(f"unknown document problem {problem!r}; expected one of {PROBLEMS}")
-    flags = 0
-    if problem in ("unreadable", "malformed"):
-      flags |= FLAG_UNREADABLE
-    elif not data:
-      flags |= FLAG_EMPTY
-    try:
-      bytes(data).decode("utf-8")
-    except UnicodeDecodeError:
-      flags |= FLAG_INVALID_UTF8  # Kept: every byte is a valid input id.
+    bit = flags_lib.BIT
+    flags = bit[problem] if problem else 0
+    if not data and problem is None:
+      flags |= bit["empty"]
+    try:  # A cut (oversized) document may end inside a character: that is not invalid UTF-8.
+      codecs.getincrementaldecoder("utf-8")().decode(data, final=problem != "oversized")
+    except UnicodeDecodeError as e:
+      flags |= bit["invalid_utf8"]
+      self._log("invalid_utf8", data, e.start)
     if b"\x00" in data:
-      flags |= FLAG_NUL
+      flags |= bit["nul"]
+      self._log("nul", data, bytes(data).index(b"\x00"))
     tokens = tokenizer.encode(data)
     doc_flags = np.zeros(tokens.shape, np.int8)
     doc_flags[0] = flags
     return {"tokens": tokens, "doc_flags": doc_flags}
 
-
-def count_flags(doc_flags) -> dict[str, int]:
-  """Counts documents per flag in a `doc_flags` array of any shape."""
-  flags = np.asarray(doc_flags)
-  names = {"invalid_utf8_docs": FLAG_INVALID_UTF8, "nul_docs": FLAG_NUL,
-           "empty_docs": FLAG_EMPTY, "unreadable_docs": FLAG_UNREADABLE}
-  return {name: int(np.count_nonzero(flags & bit)) for name, bit in names.items()}
+  def _log(self, flag: str, data, offset: int):
+    self._logged[flag] += 1
+    if self._logged[flag] <= MAX_READ_WARNINGS:
+      more = " (further ones are only counted)" if self._logged[flag] == MAX_READ_WARNINGS else ""
+      logging.warning("document of %d bytes flagged %s (kept) at byte %d: %r%s", len(data), flag,
+                      offset, bytes(data[max(offset - 16, 0):offset + 16]), more)

@@ -18,24 +18,25 @@ import grain
 import numpy as np
 
 from bltjax.data import formats
-from bltjax.data.sources import ProblemLog, held_out
+from bltjax.data.sources import MAX_DOCUMENT_BYTES, ProblemLog, held_out
 
 _SEED_MOD = 2**63  # numpy seeds are non-negative
 
 
 class DocumentStream(grain.IterDataset):
-  """IterDataset of `Document`s of `files` (one data shard's), split `split` ('train'/'eval')."""
+  """IterDataset of `Document`s of `files` (one data shard's), split `split` ('train'/'eval');
+  documents longer than `max_document_bytes` are cut (`formats`)."""
 
   def __init__(self, kind: str, files, *, text_field: str, split: str, eval_fraction: float,
                seed: int, shard: int, shuffle: bool, window: int, num_epochs: int | None,
-               name: str):
+               name: str, max_document_bytes: int = MAX_DOCUMENT_BYTES):
     super().__init__()
     if window < 1:
       raise ValueError(f"data.shuffle_window={window} must be >= 1")
     self.kind, self.files, self.name = kind, list(files), name
     self.text_field, self.split, self.eval_fraction = text_field, split, eval_fraction
     self.seed, self.shard, self.shuffle, self.window = seed, shard, shuffle, window
-    self.num_epochs = num_epochs
+    self.num_epochs, self.max_document_bytes = num_epochs, max_document_bytes
 
   def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
     """Grain worker processes each read a slice of the shard's files."""
@@ -67,7 +68,8 @@ class _StreamIterator(grain.DatasetIterator):
     self._log = ProblemLog(ds.name)
     want_eval = ds.split == "eval"
     self._fmt = formats.make(ds.kind, ds.text_field, self._log,
-                             lambda key: held_out(key, ds.eval_fraction) == want_eval)
+                             lambda key: held_out(key, ds.eval_fraction) == want_eval,
+                             ds.max_document_bytes)
     self._order_epoch, self._order = None, None
     self._counts = dict(blank_lines=0, empty_files=0)
     self.set_state(dict(epoch=0, file=0, pos=list(formats.START), block=0, docs=0, index=0))
