@@ -64,7 +64,7 @@ def _data_config(kind: str, pattern: str, seq_len: int, shards: int):
   d = dict(source=kind, paths=(pattern,), text_field="text", seq_len=seq_len,
            eval_fraction=0.001, shards=shards, num_workers=0, worker_buffer=2, prefetch=2,
            read_threads=1, read_buffer=16, host_hash_ids=False, preprocessed_dir=None,
-           mixture=(), shuffle_window=1024)
+           mixture=(), shuffle_window=1024, max_document_bytes=64 << 20)  # as the experiments
   return ml_collections.ConfigDict(dict(data=d, seed=0, model_type="blt"))
 
 

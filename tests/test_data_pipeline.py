@@ -39,7 +39,7 @@ def data_cfg(corpus, seq_len=64, **kw):
       source="text", paths=(str(corpus / "*.txt"),), text_field="text", seq_len=seq_len,
       eval_fraction=0.0, shards=0, num_workers=0, worker_buffer=2, prefetch=2, read_threads=1,
       read_buffer=4, host_hash_ids=False, preprocessed_dir=None, mixture=(),
-      shuffle_window=8) | kw)
+      shuffle_window=8, max_document_bytes=sources.MAX_DOCUMENT_BYTES) | kw)
 
 
 def window_tokens(example):

@@ -19,7 +19,8 @@ def data_cfg(pattern, source="jsonl", **kw):
   return ml_collections.ConfigDict(dict(
       source=source, paths=(pattern,), text_field="text", seq_len=32, eval_fraction=0.2,
       shards=0, num_workers=0, worker_buffer=2, prefetch=2, read_threads=1, read_buffer=4,
-      host_hash_ids=False, preprocessed_dir=None, mixture=(), shuffle_window=4) | kw)
+      host_hash_ids=False, preprocessed_dir=None, mixture=(), shuffle_window=4,
+      max_document_bytes=sources.MAX_DOCUMENT_BYTES) | kw)
 
 
 @pytest.fixture(autouse=True)

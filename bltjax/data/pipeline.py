@@ -87,8 +87,8 @@ def _listed_source(kind, paths, eval_fraction, max_document_bytes, cwd):
 
 
 def max_document_bytes(data_cfg) -> int:
-  """data.max_document_bytes; hand-built data configs (tests, bench_data) may leave it out."""
-  return int(data_cfg.get("max_document_bytes", sources.MAX_DOCUMENT_BYTES))
+  """data.max_document_bytes, as an int (a config may write it as an expression)."""
+  return int(data_cfg.max_document_bytes)
 
 
 def _shard_files(comp, data_cfg, shard: int, shards: int) -> list[str]:
