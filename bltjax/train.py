@@ -317,7 +317,9 @@ class _Loop:
     if counts["skip_streak"] > t.max_skipped_steps:
       raise errors.TrainingDiverged(
           f"{where}: the last {counts['skip_streak']} updates in a row were skipped (non-finite "
-          f"or loss spikes; train.max_skipped_steps={t.max_skipped_steps}); {kept}")
+          f"or loss spikes; train.max_skipped_steps={t.max_skipped_steps}). The params were last "
+          f"updated at step {at - counts['skip_streak']}; every checkpoint holds finite params "
+          f"(the newest: {self.last_saved or 'none yet'})")
     if nonfinite or spikes:
       logging.warning("step %d: skipped %d non-finite update(s) and %d loss spike(s) since step "
                       "%s (last at step %d)", step, nonfinite, spikes, seen["step"], at)
