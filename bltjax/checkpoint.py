@@ -128,6 +128,11 @@ class Checkpointer:
     """CheckpointError (nothing moved) when an intact checkpoint's tree or shapes differ from
     the model's; reader errors propagate (the caller counts them as an unreadable checkpoint)."""
     problems = _mismatches(_flat(abstract_state), _flat(_state_metadata(self.manager, step)))
+    if problems and all(p.startswith("missing guard/") for p in problems):
+      raise errors.CheckpointError(
+          f"{self._step_dir(step)}: saved by a bltjax without the update guard (its state has no "
+          "guard counters), so it cannot be resumed; continue from its params in a new workdir "
+          f"with --config.init_from={self._step_dir(step)}; nothing was moved")
     if problems:
       raise errors.CheckpointError(
           f"{self._step_dir(step)}: the checkpoint does not fit this model (the config changed "

@@ -149,6 +149,18 @@ def test_a_checkpoint_of_another_config_is_an_error_and_stays(tmp_path, model):
   ck.close()
 
 
+def test_a_checkpoint_from_before_the_update_guard_says_so(tmp_path, model):
+  abstract, state_at = model
+  ck = checkpoint.Checkpointer(str(tmp_path))
+  old = {"step": jnp.int32(1), "params": state_at(1).params, "opt_state": state_at(1).opt_state}
+  ck.save(1, old, None, {}, {})  # the TrainState of earlier releases: no guard counters
+  ck.wait()
+  with pytest.raises(errors.CheckpointError, match=r"without the update guard.*init_from="):
+    ck.restore_latest(abstract)
+  assert listing(str(tmp_path / "checkpoints")) == ["1"]
+  ck.close()
+
+
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
 def test_unreadable_state_metadata_falls_back(tmp_path, model, damage):
   """The state's _METADATA (tree and shapes) cut or gone: damage, not another config."""
