@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from bltjax import batch as batch_lib
-from bltjax import checkpoint, configs, errors, evaluate, flops, metrics, optim, patcher
+from bltjax import checkpoint, configs, errors, flops, heldout, metrics, optim, patcher
 from bltjax import preemption
 from bltjax import sharding, storage, workdir_lock
 from bltjax import step as step_lib
@@ -167,7 +167,7 @@ def train_stage(config, workdir: str, *, entropy_checkpoint: str | None = None,
                           in_shardings=(state_sh.params, batch_sh),
                           out_shardings=sharding.replicated(mesh)).lower(
                               abstract.params, step_spec).compile()
-    evaluator = evaluate.Evaluator(config, eval_fn, host_patch, local_batch, feed)
+    evaluator = heldout.Evaluator(config, eval_fn, host_patch, local_batch, feed)
     loop = _Loop(config, workdir, ckpt, meta, state, train_it, train_fn, evaluator, feed)
     if device_patcher is not None and patching.entropy is not None:
       # The entropy model's forward pass now runs on the same chips: MFU counts it (bltjax.flops).
