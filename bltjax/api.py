@@ -19,7 +19,7 @@ import numpy as np
 from etils import epath
 
 from bltjax import generate as generate_lib
-from bltjax import checkpoint, hf, patching, storage, tokenizer
+from bltjax import checkpoint, hf, hf_config, meta, patching, storage, tokenizer
 from bltjax.model.blt import ByteLatentTransformer
 from bltjax.model.config import (BLTConfig, EntropyModelConfig, PatchingConfig, RuntimeConfig,
                                  to_dict)
@@ -69,7 +69,7 @@ class BLT:
     ("patcher") included."""
     storage.check_access(path)
     runtime = RuntimeConfig.for_inference(dtype)
-    model_cfg, entropy_cfg, patching_cfg = hf.configs_from_hf(hf.read_config(path), runtime)
+    model_cfg, entropy_cfg, patching_cfg = hf_config.configs_from_hf(hf_config.read_config(path), runtime)
     reader = hf.SafetensorsReader(path)
     maps = [hf.blt_key_map(model_cfg)]
     if entropy_cfg is not None:
@@ -84,7 +84,7 @@ class BLT:
       entropy_params = hf.load_params(reader, maps[1],
                                       param_shapes(EntropyModel(entropy_cfg), tokens), where=path)
     logging.info("Loaded BLT from %s (patching: %s)", path, patching_cfg)
-    max_context = int(hf.read_config(path)["encoder_config"].get("max_position_embeddings", 24576))
+    max_context = hf_config.max_context(hf_config.read_config(path))
     return cls(model_cfg, params, patching_cfg=patching_cfg, entropy_cfg=entropy_cfg,
                entropy_params=entropy_params, max_context=max_context)
 
@@ -116,10 +116,33 @@ class BLT:
                entropy_params=entropy_params, max_context=int(config["data"]["seq_len"]))
 
   @classmethod
-  def load(cls, path: str, *, dtype: str = "float32") -> "BLT":
-    """A Hugging Face BLT directory, an exported/converted model, or a training workdir (each
-    local or gs://)."""
+  def from_meta(cls, path: str, entropy_dir: str | None = None, *,
+                dtype: str = "float32") -> "BLT":
+    """Loads a checkpoint as Meta publishes it (local or gs://): the hub format
+    (facebook/blt-1b, -7b: config.json {"args": ...} + model.safetensors + train_args.json) or
+    the consolidated one (facebook/blt: params.json + consolidated.pth, needs torch). The entropy
+    model comes from `entropy_dir` (hub facebook/blt-entropy or consolidated), else from an
+    entropy_model/ inside or beside `path`."""
     storage.check_access(path)
+    tokens, lengths = np.ones((1, 4), np.int32), np.ones((1, 5), np.int32)
+    got = meta.load(
+        path, entropy_dir, dtype=dtype,
+        blt_shapes=lambda c: param_shapes(ByteLatentTransformer(c), tokens, lengths),
+        entropy_shapes=lambda c: param_shapes(EntropyModel(c), tokens))
+    return cls(got["model_cfg"], got["params"], patching_cfg=got["patching_cfg"],
+               entropy_cfg=got["entropy_cfg"], entropy_params=got["entropy_params"],
+               max_context=got["max_context"])
+
+  @classmethod
+  def load(cls, path: str, *, entropy_dir: str | None = None, dtype: str = "float32") -> "BLT":
+    """A Meta BLT directory (hub or consolidated format; `entropy_dir` as in `from_meta`), a
+    Hugging Face BLT directory, an exported/converted model, or a training workdir (each local or
+    gs://)."""
+    storage.check_access(path)
+    if meta.is_meta_dir(path):
+      return cls.from_meta(path, entropy_dir, dtype=dtype)
+    if entropy_dir is not None:
+      raise ValueError(f"{path}: entropy_dir is only used for Meta-format checkpoints")
     root = epath.Path(path)
     if (root / "config.json").exists() and ((root / "model.safetensors").exists() or
                                            (root / "model.safetensors.index.json").exists()):
@@ -221,42 +244,62 @@ class BLT:
 
   def generate_bytes(self, prompts, max_new_bytes: int = 256, temperature: float = 0.0,
                      top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
-                     on_bytes=None, recompute: bool = False) -> list[bytes]:
+                     on_bytes=None, recompute: bool = False, *, top_k: int = 0, stop=(),
+                     repetition_penalty: float = 1.0) -> list[bytes]:
     """Continues each prompt (str or bytes) by up to `max_new_bytes` bytes.
 
-    Greedy by default; `temperature` > 0 samples (within the `top_p` nucleus), reproducibly for
-    a `seed`. Rows stop at EOS with `stop_at_eos` (EOS excluded). Special ids are dropped from the
-    output. `on_bytes(chunk)` streams row 0's bytes as they are produced. `recompute=True`
-    re-runs the whole model on the prefix for every byte (the reference's way, for comparison).
-    An empty prompt generates from BOS; a prompt too long for the context keeps its last bytes.
+    Greedy by default; `temperature` > 0 samples, among the `top_k` most likely bytes (0 = all)
+    and then within the `top_p` nucleus, reproducibly for a `seed`. `repetition_penalty` (HF/CTRL,
+    1.0 = off) divides the positive logits and multiplies the negative ones of the bytes already
+    in the row, greedy included. A row stops at EOS with `stop_at_eos` (EOS excluded), and once
+    its generated bytes end with one of the `stop` sequences (str as UTF-8, or bytes; a single
+    one or a sequence): the output ends before the earliest stop sequence (OpenAI convention);
+    prompt bytes never count towards a match. Special ids are dropped from the output.
+    `on_bytes(chunk)` streams row 0's bytes as they are produced (bytes that may begin a stop
+    sequence are held back until they cannot). `recompute=True` re-runs the whole model on the
+    prefix for every byte (the reference's way, for comparison). An empty prompt generates from
+    BOS; a prompt too long for the context keeps its last bytes.
     """
+    from bltjax import sampling as sampling_lib
+    sampling = sampling_lib.make_sampling(temperature, top_p, stop_at_eos, top_k,
+                                          repetition_penalty)
+    stops = sampling_lib.encode_stops(stop, self.max_context)
     tokens, lengths = generate_lib.prepare_prompts(prompts, max_new_bytes, self.max_context,
                                                    log=logging.warning)
-    sampling = generate_lib.Sampling(temperature=float(temperature), top_p=float(top_p),
-                                     stop_at_eos=bool(stop_at_eos))
-    state = self._generator.init_state(tokens, lengths, seed)
+    state = self._generator.init_state(tokens, lengths, seed, sampling_lib.stop_arrays(stops))
     one, until_done = self._jit_steps
     eparams = self.entropy_params if self.entropy_params is not None else {}
     if on_bytes is None:
       state = until_done(self.params, eparams, state, sampling, recompute=recompute)
     else:
       last = tokens.shape[1] - 1
+      row0, sent = [], 0  # row 0's generated ids; how many of them went to on_bytes
       while int(state.t) < last:
         state = one(self.params, eparams, state, sampling, recompute=recompute)
         t = int(state.t)
         if lengths[0] <= t < lengths[0] + max_new_bytes and not bool(state.done[0]):
-          byte = int(state.tokens[0, t])
-          if byte >= tokenizer.OFFSET:
-            on_bytes(bytes([byte - tokenizer.OFFSET]))
+          row0.append(int(state.tokens[0, t]))
+          safe = len(row0) - sampling_lib.held_back(row0, stops)
+          if safe > sent:
+            chunk = tokenizer.decode_bytes(np.array(row0[sent:safe], np.int32))
+            sent = safe
+            if chunk:
+              on_bytes(chunk)
         if bool(jnp.all(state.done)):
           break
     out = generate_lib.generated_ids(np.asarray(state.tokens), lengths, int(state.t),
-                                     max_new_bytes, stop_at_eos)
+                                     max_new_bytes, stop_at_eos, stops)
+    if on_bytes is not None and len(out[0]) > sent:  # held back for a stop that never came
+      tail = tokenizer.decode_bytes(out[0][sent:])
+      if tail:
+        on_bytes(tail)
     return [tokenizer.decode_bytes(ids) for ids in out]
 
   def generate(self, prompts, max_new_bytes: int = 256, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True) -> list[str]:
+               top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True, *, top_k: int = 0,
+               stop=(), repetition_penalty: float = 1.0) -> list[str]:
     """Like `generate_bytes`, decoded as UTF-8 (invalid sequences become U+FFFD)."""
     return [b.decode("utf-8", errors="replace")
             for b in self.generate_bytes(prompts, max_new_bytes, temperature, top_p, seed,
-                                         stop_at_eos)]
+                                         stop_at_eos, top_k=top_k, stop=stop,
+                                         repetition_penalty=repetition_penalty)]

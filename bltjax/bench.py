@@ -28,7 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from bltjax import hf, patching, step as step_lib, tokenizer  # noqa: E402
+from bltjax import hf_config, patching, step as step_lib, tokenizer  # noqa: E402
 from bltjax import train_state as ts  # noqa: E402
 from bltjax.data import sources  # noqa: E402
 from bltjax.model.blt import ByteLatentTransformer  # noqa: E402
@@ -155,7 +155,7 @@ def port_worker():
   tokens, targets, lengths = real_batch(_BATCH.value, _SEQ_LEN.value)
   pc = PatchingConfig(mode="byte", threshold=None, threshold_add=None, monotonic=False,
                       patch_size=None, max_patch_length=None)
-  model = BltForCausalLM(HFConfig(**hf.config_to_hf(cfg, None, pc))).train()
+  model = BltForCausalLM(HFConfig(**hf_config.config_to_hf(cfg, None, pc))).train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
   inputs = dict(input_ids=torch.tensor(tokens, dtype=torch.long),
                 patch_lengths=torch.tensor(lengths, dtype=torch.long))

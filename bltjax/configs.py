@@ -10,10 +10,14 @@ commented in the experiment files, never defaulted here.
 import copy
 import importlib.util
 import os
+import re
+import typing
+from collections.abc import Mapping
 
 import ml_collections
 
 from bltjax.data import mixture as mixture_lib
+from bltjax.data import sources
 from bltjax.data.sources import SOURCES
 from bltjax.model.config import BLTConfig, EntropyModelConfig, PatchingConfig
 
@@ -26,6 +30,12 @@ NONFINITE_POLICIES = ("stop", "skip")  # train.nonfinite: what a non-finite upda
 # documents (the paper's recipe).
 SHARED_DATA_FIELDS = ("source", "paths", "text_field", "eval_fraction", "shards", "mixture",
                       "shuffle_window", "max_document_bytes")
+# train.eval_sets: named held-out sources, each read whole and reported as eval/<name>/bpb.
+EvalSet = typing.NamedTuple("EvalSet", [("name", str), ("source", str), ("paths", tuple),
+                                        ("text_field", str)])
+EVAL_SET_FIELDS = ("source", "paths", "text_field")
+_EVAL_SET_NAME = re.compile(r"[A-Za-z0-9_.\-]+")  # it ends up in the metric key eval/<name>/bpb
+_DICTS = (Mapping, ml_collections.ConfigDict)  # a ConfigDict is no Mapping
 
 
 def load(spec: str) -> ml_collections.ConfigDict:
@@ -67,6 +77,37 @@ def needs_entropy_stage(config) -> bool:
   p = config.patching
   return (config.model_type == "blt" and p.mode == "entropy" and not p.entropy_model_checkpoint
           and not config.data.preprocessed_dir)
+
+
+def eval_sets(config) -> list[EvalSet]:
+  """The named evaluation sources of `config.train.eval_sets` (name -> dict(source, paths,
+  text_field)), validated with errors naming `train.eval_sets.<name>.<field>`."""
+  specs = config.train.get("eval_sets") or {}  # absent in configs written before eval sets
+  if not isinstance(specs, _DICTS):
+    raise ValueError(f"train.eval_sets must map names to dicts of {EVAL_SET_FIELDS}, got "
+                     f"{specs!r}")
+  out = []
+  for name, spec in specs.items():
+    where = f"train.eval_sets.{name}"
+    if not isinstance(name, str) or not _EVAL_SET_NAME.fullmatch(name):
+      raise ValueError(f"{where}: the set name {name!r} must be letters, digits, '_', '.' or "
+                       "'-' (it names the eval/<name>/bpb metric)")
+    if not isinstance(spec, _DICTS):
+      raise ValueError(f"{where} must be a dict with fields {EVAL_SET_FIELDS}, got {spec!r}")
+    unknown = sorted(set(spec) - set(EVAL_SET_FIELDS))
+    if unknown:
+      raise ValueError(f"{where}.{unknown[0]} is not a field of an eval set; valid fields: "
+                       f"{EVAL_SET_FIELDS}")
+    if "source" not in spec:
+      raise ValueError(f"{where}.source is missing (one of {SOURCES})")
+    kind = spec["source"]
+    # As in data.mixture: the text field is spelled out for the kinds that read one.
+    if kind in sources.STREAMED and "text_field" not in spec:
+      raise ValueError(f"{where}.text_field is missing (required for source {kind!r})")
+    text_field = spec.get("text_field", "text")
+    paths = sources.check_source(kind, spec.get("paths") or (), text_field, where)
+    out.append(EvalSet(name, kind, tuple(str(p) for p in paths), text_field))
+  return out
 
 
 def _require(cond, message):
@@ -122,8 +163,19 @@ def validate(config, num_devices: int | None):
            f"train.batch_size={t.batch_size} / train.microbatches={t.microbatches} = {micro} "
            f"rows is not divisible by the data-parallel size data*fsdp={batch_shards} "
            f"(mesh.shape={tuple(sizes)})")
-  _require(t.eval_batches >= 0 and (t.eval_batches == 0 or d.eval_fraction > 0),
-           "train.eval_batches > 0 needs data.eval_fraction > 0")
+  try:
+    sets = eval_sets(config)
+  except ValueError as e:
+    _require(False, str(e))
+  _require(t.eval_batches >= 0 and (t.eval_batches == 0 or d.eval_fraction > 0 or sets),
+           "train.eval_batches > 0 needs data.eval_fraction > 0 (or train.eval_sets)")
+  _require(not sets or t.eval_batches >= 1,
+           f"train.eval_sets is set: train.eval_batches={t.eval_batches} must be >= 1 (the "
+           "batches evaluated per set)")
+  # Stored rows come with their entropies; an eval set has none to cut its patches from.
+  _require(not sets or not d.preprocessed_dir,
+           "train.eval_sets cannot be used with data.preprocessed_dir (eval sets are read "
+           "online); set train.eval_sets={} or train from the online pipeline")
   _require(t.nonfinite in NONFINITE_POLICIES,
            f"train.nonfinite={t.nonfinite!r} must be one of {NONFINITE_POLICIES}")
   _require(t.max_skipped_steps >= 1, f"train.max_skipped_steps={t.max_skipped_steps} must be >= 1")

@@ -1,44 +1,118 @@
-"""Held-out evaluation during training: bits per byte over fixed batches of the eval split."""
+"""Held-out evaluation during training: bits per byte over fixed batches of the eval split and
+of each named eval set (`train.eval_sets`).
 
+    train.eval_sets = dict(
+        wiki=dict(source="jsonl", paths=("/data/wiki/*.jsonl",), text_field="text"),
+        code=dict(source="text", paths=("/data/code/**/*.py",)))
+
+An eval set is any `data.source` kind (fields source, paths, text_field, as a data.mixture
+component without name and weight), read whole (nothing held out, unshuffled, cycled like the
+eval split when short) with the run's data.seq_len, shards and max_document_bytes, batch layout
+and patching. Each process reads its own data shards of it. Metrics: eval/<name>/bpb and
+eval/<name>/loss (nats per target byte) next to eval_bpb/eval_loss of the eval split.
+"""
+
+import copy
 import math
 
 import jax
 
-from bltjax.data import pipeline
+from bltjax import configs, storage
+from bltjax.data import paths as paths_lib, pipeline
+
+
+def check_eval_sets(config, where: str = "train.eval_sets"):
+  """Fails at start, with one line naming the set and the path, where an eval set's files are
+  missing or too few for this process's data shards (and likewise for the stage-1 config)."""
+  shards = pipeline.data_shards(config.data, jax.process_index(), jax.process_count())
+  total = config.data.shards or jax.process_count()
+  for es in configs.eval_sets(config):
+    if es.source == "stdlib":
+      continue
+    field = f"{where}.{es.name}.paths"
+    for path in es.paths:
+      try:
+        storage.check_access(path)
+      except (OSError, ValueError) as e:
+        raise type(e)(f"{field}: {e}") from None
+    try:
+      files = paths_lib.expand(es.paths)
+    except ValueError as e:
+      raise ValueError(f"{field}: {e}") from None
+    # Streamed and ArrayRecord sets are sharded by file (as the training source is).
+    if es.source != "text" and any(not files[s::total] for s in shards):
+      raise ValueError(f"{field}: {len(files)} file(s), fewer than the {total} data shards "
+                       f"(data.shards={config.data.shards}; 0 = one per process)")
+  if config.model_type == "blt" and configs.needs_entropy_stage(config):
+    check_eval_sets(configs.entropy_stage_config(config), "entropy_model.train.eval_sets")
+
+
+def eval_set_config(config, es: configs.EvalSet):
+  """`config` reading eval set `es` as its (only) data source; `pipeline.make_dataset(...,
+  'all', ...)` then reads it whole."""
+  c = copy.deepcopy(config)
+  c.unlock()  # configs from the command line are locked
+  c.data.update(source=es.source, paths=es.paths, text_field=es.text_field, mixture=())
+  return c
+
+
+def _first(ds, n: int) -> list:
+  it = iter(ds)
+  # The same batches every time: fetched once and kept (they are small).
+  return [next(it) for _ in range(n)]
 
 
 class Evaluator:
-  """Held-out bits per byte over the first `train.eval_batches` batches of the eval split; with a
-  data mixture, also per named source (`eval_bpb/<name>`)."""
+  """Held-out bits per byte over the first `train.eval_batches` batches of the eval split (with a
+  data mixture, also per named source: `eval_bpb/<name>`) and of each eval set
+  (`eval/<name>/bpb`)."""
 
   def __init__(self, config, eval_fn, patch, local_batch, feed):
     self.config, self.eval_fn, self.feed = config, eval_fn, feed
-    self._batches = None
+    self._split = self._sets = None  # name -> local batches, once loaded
     self._patch, self._local_batch = patch, local_batch
 
+  def _dataset(self, config, split, source=None):
+    return pipeline.make_dataset(config, split, local_batch_size=self._local_batch,
+                                 patch=self._patch, num_workers=0, source=source)
+
   def _load(self):
-    names = pipeline.source_names(self.config.data)
-    self._batches = {}
-    for name in names:
-      ds = pipeline.make_dataset(self.config, "eval", local_batch_size=self._local_batch,
-                                 patch=self._patch, num_workers=0,
-                                 source=name if len(names) > 1 else None)
-      it = iter(ds)
-      # The same batches every time: fetched once and kept (they are small).
-      self._batches[name] = [next(it) for _ in range(self.config.train.eval_batches)]
+    n = self.config.train.eval_batches
+    self._split, self._sets = {}, {}
+    if self.config.data.eval_fraction > 0:  # else only eval sets (configs.validate)
+      names = pipeline.source_names(self.config.data)
+      for name in names:
+        self._split[name] = _first(
+            self._dataset(self.config, "eval", name if len(names) > 1 else None), n)
+    for es in configs.eval_sets(self.config):
+      try:
+        self._sets[es.name] = _first(self._dataset(eval_set_config(self.config, es), "all"), n)
+      except (ValueError, OSError, StopIteration) as e:
+        raise ValueError(f"train.eval_sets.{es.name} ({es.source} {list(es.paths)}): "
+                         f"{str(e) or 'no batch'}") from e
+
+  def _sums(self, params, groups: dict) -> dict:
+    """name -> (cross-entropy sum in nats, target bytes); every batch dispatched, one fetch."""
+    sums = jax.device_get({name: [self.eval_fn(params, self.feed(local)[0]) for local in batches]
+                           for name, batches in groups.items()})
+    return {name: (sum(float(x["ce_sum"]) for x in xs), sum(float(x["target_bytes"]) for x in xs))
+            for name, xs in sums.items()}
 
   def __call__(self, params) -> dict:
     if not self.config.train.eval_batches:
       return {}
-    if self._batches is None:
+    if self._split is None:
       self._load()
     out, ce_all, count_all = {}, 0.0, 0.0
-    for name, batches in self._batches.items():
-      sums = [self.eval_fn(params, self.feed(local)[0]) for local in batches]
-      sums = jax.device_get(sums)
-      ce = sum(float(x["ce_sum"]) for x in sums)
-      count = sum(float(x["target_bytes"]) for x in sums)
-      if len(self._batches) > 1:
+    split = self._sums(params, self._split)
+    for name, (ce, count) in split.items():
+      if len(split) > 1:
         out[f"eval_bpb/{name}"] = ce / count / math.log(2.0)
       ce_all, count_all = ce_all + ce, count_all + count
-    return dict(eval_loss=ce_all / count_all, eval_bpb=ce_all / count_all / math.log(2.0)) | out
+    if split:
+      out = dict(eval_loss=ce_all / count_all, eval_bpb=ce_all / count_all / math.log(2.0)) | out
+    for name, (ce, count) in self._sums(params, self._sets).items():
+      out[f"eval/{name}/bpb"] = ce / count / math.log(2.0)
+      out[f"eval/{name}/loss"] = ce / count
+    return out
+

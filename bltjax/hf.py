@@ -8,22 +8,20 @@ offsets (safe_open needs a local file), and files are written through epath.
 
 One table, `key_map`, lists every tensor: our parameter path, the HF name(s) (one per layer for
 scanned stacks) and whether the matrix is transposed (PyTorch Linear weights are [out, in]).
+The config.json side (the port's defaults, what it cannot express) is `bltjax.hf_config`.
 """
 
 import json
-import logging
 import os
 import struct
-from typing import Any
 
 import ml_dtypes
 import numpy as np
 from etils import epath
 from safetensors import safe_open
 
-from bltjax import storage
-from bltjax.model.config import (BLTConfig, EntropyModelConfig, PatchingConfig, RuntimeConfig,
-                                 TransformerConfig)
+from bltjax import hf_config, storage
+from bltjax.model.config import BLTConfig, EntropyModelConfig, PatchingConfig
 
 Path = tuple[str, ...]
 
@@ -206,129 +204,7 @@ def load_params(reader: SafetensorsReader, key_map, expected_shapes: dict, *, wh
 
 
 # ------------------------------------------------------------------------------------------------
-# Config translation.
-
-
-def _theta(sub: dict, default: float) -> float:
-  rope = sub.get("rope_parameters") or {}
-  return float(rope.get("rope_theta", sub.get("rope_theta", default)))
-
-
-def _transformer(sub: dict, window, where: str, default_theta: float) -> TransformerConfig:
-  try:
-    hidden, heads = int(sub["hidden_size"]), int(sub["num_attention_heads"])
-    return TransformerConfig(
-        dim=hidden, n_layers=int(sub["num_hidden_layers"]), n_heads=heads,
-        n_kv_heads=int(sub.get("num_key_value_heads") or heads),
-        ffn_dim=int(sub.get("intermediate_size") or int(8 * hidden / 3)),
-        rope_theta=_theta(sub, default_theta), norm_eps=float(sub.get("rms_norm_eps", 1e-5)),
-        attn_window=None if window is None else int(window))
-  except KeyError as e:
-    raise ValueError(f"config.json: {where} has no field {e.args[0]!r}") from None
-
-
-def configs_from_hf(hf: dict[str, Any], runtime: RuntimeConfig):
-  """config.json dict -> (BLTConfig, EntropyModelConfig | None, PatchingConfig)."""
-  if hf.get("model_type") != "blt":
-    raise ValueError(f"config.json: model_type is {hf.get('model_type')!r}, expected 'blt'")
-  enc, dec, glb = hf["encoder_config"], hf["decoder_config"], hf["global_config"]
-  window = hf.get("local_attention_window_len")
-  if enc["num_attention_heads"] != dec["num_attention_heads"]:
-    # The port gives each cross-attention its side's head count; the reference has one
-    # cross_attn_nheads. Every released model has equal counts.
-    raise ValueError("config.json: encoder_config.num_attention_heads "
-                     f"({enc['num_attention_heads']}) != decoder_config.num_attention_heads "
-                     f"({dec['num_attention_heads']}) is not supported")
-  if int(dec.get("hidden_size_global", glb["hidden_size"])) != int(glb["hidden_size"]):
-    raise ValueError(f"config.json: decoder_config.hidden_size_global "
-                     f"({dec['hidden_size_global']}) != global_config.hidden_size "
-                     f"({glb['hidden_size']})")
-  if enc.get("cross_attn_all_layers") and int(enc["num_hidden_layers"]) > 1:
-    logging.warning("config.json: multi-layer encoder with cross-attention in every layer; bltjax "
-                    "pools patch queries once as Meta's reference does, the HF port re-pools per "
-                    "layer, so logits will differ from transformers for this checkpoint.")
-  model = BLTConfig.from_dict(dict(
-      encoder=_transformer(enc, window, "encoder_config", 500000.0),
-      latent=_transformer(glb, None, "global_config", 500000.0),
-      decoder=_transformer(dec, window, "decoder_config", 500000.0),
-      cross_attn_k=int(hf.get("cross_attn_k", 2)),
-      cross_attn_nheads=int(enc["num_attention_heads"]),
-      cross_attn_all_layers_encoder=bool(enc.get("cross_attn_all_layers", False)),
-      cross_attn_all_layers_decoder=bool(dec.get("cross_attn_all_layers", True)),
-      hash_group_sizes=tuple(hf.get("encoder_hash_byte_group_size") or (3, 4, 5, 6, 7, 8)),
-      hash_vocab=int(hf.get("encoder_hash_byte_group_vocab", 500002)),
-      hash_functions=int(hf.get("encoder_hash_byte_group_nb_functions", 1)),
-      runtime=runtime, vocab_size=int(hf.get("vocab_size", 260))))
-  entropy = None
-  pat = hf.get("patcher_config")
-  if hf.get("patch_in_forward", True) and pat is not None:
-    entropy = EntropyModelConfig.from_dict(dict(
-        transformer=_transformer(pat, pat.get("sliding_window", 512), "patcher_config", 10000.0),
-        runtime=runtime, vocab_size=int(pat.get("vocab_size", 260))))
-  mode = hf.get("patching_mode") or "byte"
-  if mode == "entropy" and (entropy is None or hf.get("patch_size") is None):
-    mode = "byte"  # The port makes every byte a patch when it has no patcher or no patch_size.
-  patching = PatchingConfig.from_dict(dict(
-      mode=mode, threshold=hf.get("patching_threshold"), threshold_add=None, monotonic=False,
-      patch_size=hf.get("patch_size") if mode == "static" else None,
-      max_patch_length=hf.get("max_patch_length")))
-  return model, entropy, patching
-
-
-def read_config(directory: str) -> dict:
-  path = epath.Path(directory) / "config.json"
-  if not path.exists():
-    raise FileNotFoundError(f"{directory}: no config.json (expected a Hugging Face BLT checkpoint "
-                            "directory written by BltForCausalLM.save_pretrained)")
-  return json.loads(path.read_text())
-
-
-# ------------------------------------------------------------------------------------------------
 # Writing (export).
-
-
-def _hf_transformer(t: TransformerConfig, **extra) -> dict:
-  return dict(hidden_size=t.dim, num_hidden_layers=t.n_layers, num_attention_heads=t.n_heads,
-              num_key_value_heads=t.n_kv_heads, intermediate_size=t.ffn_dim,
-              rms_norm_eps=t.norm_eps, hidden_act="silu",
-              rope_parameters=dict(rope_theta=t.rope_theta, rope_type="default"), **extra)
-
-
-def config_to_hf(model: BLTConfig, entropy: EntropyModelConfig | None,
-                 patching: PatchingConfig) -> dict:
-  """The `config.json` a `transformers` BltConfig reads for this model (inverse of
-  `configs_from_hf`). Raises for what the port cannot express."""
-  enc, dec, lat = model.encoder, model.decoder, model.latent
-  if enc.attn_window != dec.attn_window:
-    raise ValueError("the HF port has one local_attention_window_len for encoder and decoder")
-  if model.cross_attn_nheads != enc.n_heads or model.cross_attn_nheads != dec.n_heads:
-    raise ValueError("the HF port uses the local head count for cross-attention: "
-                     "cross_attn_nheads must equal encoder.n_heads and decoder.n_heads")
-  if patching.mode not in ("entropy", "byte") or patching.monotonic or patching.threshold_add:
-    raise ValueError(f"the HF port patches with a global entropy threshold only, not {patching}")
-  local = dict(cross_attn_k=model.cross_attn_k, hidden_size_global=lat.dim)
-  cfg = dict(
-      model_type="blt", architectures=["BltForCausalLM"], vocab_size=model.vocab_size,
-      cross_attn_k=model.cross_attn_k, local_attention_window_len=enc.attn_window,
-      encoder_hash_byte_group_size=list(model.hash_group_sizes),
-      encoder_hash_byte_group_vocab=model.hash_vocab,
-      encoder_hash_byte_group_nb_functions=model.hash_functions,
-      patch_in_forward=entropy is not None and patching.mode == "entropy",
-      patching_mode="entropy" if patching.mode == "entropy" else None,
-      patching_threshold=patching.threshold, patch_size=4 if patching.mode == "entropy" else None,
-      max_patch_length=patching.max_patch_length, tie_word_embeddings=False,
-      rope_parameters=dict(rope_theta=lat.rope_theta, rope_type="default"),
-      encoder_config=_hf_transformer(enc, cross_attn_all_layers=model.cross_attn_all_layers_encoder,
-                                     vocab_size=model.vocab_size, sliding_window=enc.attn_window,
-                                     **local),
-      decoder_config=_hf_transformer(dec, cross_attn_all_layers=model.cross_attn_all_layers_decoder,
-                                     vocab_size=model.vocab_size, **local),
-      global_config=_hf_transformer(lat))
-  if entropy is not None:
-    t = entropy.transformer
-    cfg["patcher_config"] = _hf_transformer(t, vocab_size=entropy.vocab_size,
-                                            sliding_window=t.attn_window)
-  return cfg
 
 
 def params_to_hf(params: dict, key_map, dtype=np.float32) -> dict[str, np.ndarray]:
@@ -374,7 +250,7 @@ def save_hf(directory: str, model: BLTConfig, params, patching: PatchingConfig,
   (`directory` local or gs://)."""
   storage.check_access(directory, write=True)
   epath.Path(directory).mkdir(parents=True, exist_ok=True)
-  cfg = config_to_hf(model, entropy, patching)
+  cfg = hf_config.config_to_hf(model, entropy, patching)
   cfg["torch_dtype"] = cfg["dtype"] = "bfloat16" if dtype == ml_dtypes.bfloat16 else "float32"
   if max_context is not None:
     cfg["encoder_config"]["max_position_embeddings"] = max_context

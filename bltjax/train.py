@@ -42,6 +42,7 @@ def run(config, workdir: str, *, stop_at_step: int | None = None, force_unlock: 
   configs.validate(config, jax.device_count())
   pipeline.data_shards(config.data, jax.process_index(), jax.process_count())  # fails early
   check_paths(config, workdir)
+  heldout.check_eval_sets(config)  # a missing eval set file fails now, naming the set
   # One run per workdir (process 0 holds WORKDIR/.lock; a dead holder's lock is taken over).
   with workdir_lock.hold(workdir, force=force_unlock, what="training run"):
     return _run(config, workdir, stop_at_step)

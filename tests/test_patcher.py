@@ -133,7 +133,7 @@ def _records(workdir):
   return {r["step"]: r for r in metrics.read_metrics(workdir) if "loss" in r}
 
 
-@pytest.mark.slow
+@pytest.mark.long  # a minute or so: in .ci/run's `pytest -m long`
 def test_accelerator_patching_trains_resumes_and_logs_like_host_patching(tmp_path, entropy_ckpt):
   """Host patching straight through vs accelerator patching stopped at step 3 and resumed."""
   host, acc = str(tmp_path / "host"), str(tmp_path / "acc")

@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import AbstractMesh, AxisType
 
 from bltjax import batch as batch_lib
-from bltjax import configs, flops, hf, optim, sharding, train_state as ts
+from bltjax import configs, flops, hf_config, optim, sharding, train_state as ts
 from bltjax.model.config import PatchingConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,7 +85,7 @@ def test_parameter_counts_match_transformers(name):
       abstract_params(configs.entropy_stage_config(c)))))
   pc = PatchingConfig("entropy", 1.3354, None, False, None, None)
   with torch.device("meta"):
-    peer = BltForCausalLM(BltConfig(**hf.config_to_hf(configs.model_config(c), ent, pc)))
+    peer = BltForCausalLM(BltConfig(**hf_config.config_to_hf(configs.model_config(c), ent, pc)))
   theirs = sum(p.numel() for p in peer.parameters())
   assert ours == theirs, (ours, theirs)
   assert abs(ours / {"1b": 4.633e9, "8b": 10.653e9}[name] - 1) < 0.005  # HF audit figures

@@ -53,6 +53,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
   assert checkpoint.Checkpointer(resumed).latest_step() == 6
 
 
+@pytest.mark.long  # ~50 s: in .ci/run's `pytest -m long`
 def test_restore_onto_a_different_mesh(tmp_path):
   """Saved on 8 devices (2x2x2), resumed in a new process on 4 devices (1x4x1)."""
   cfg = tiny_blt()

@@ -104,27 +104,29 @@ def _shard_files(comp, data_cfg, shard: int, shards: int) -> list[str]:
 
 def _documents(comp, data_cfg, split, *, seed, shard, shards, shuffle, num_epochs):
   """Shard `shard`'s documents of `split` of one source: a MapDataset (random access) or an
-  IterDataset (streamed) of `Document`s."""
+  IterDataset (streamed) of `Document`s. Split 'all' is every document (an eval set, read
+  whole): nothing is held out."""
   name = f"{comp.name} shard {shard}/{shards}"
   max_bytes = max_document_bytes(data_cfg)
+  fraction = 0.0 if split == "all" else data_cfg.eval_fraction
   if comp.source in sources.STREAMED:  # shuffles and repeats itself
     return streams.DocumentStream(
         comp.source, _shard_files(comp, data_cfg, shard, shards), text_field=comp.text_field,
-        split=split, eval_fraction=data_cfg.eval_fraction, seed=seed, shard=shard,
+        split=split, eval_fraction=fraction, seed=seed, shard=shard,
         shuffle=shuffle, window=data_cfg.shuffle_window, num_epochs=num_epochs, name=name,
         max_document_bytes=max_bytes)
   if comp.source == "arrayrecord":
     view = SplitView(sources.ArrayRecordSource(_shard_files(comp, data_cfg, shard, shards),
                                                max_bytes),
-                     split, data_cfg.eval_fraction)
+                     split, fraction)
     if view.first() is None:
       raise ValueError(f"data: {name} has no {split} documents among its {len(view)} records "
                        f"(data.eval_fraction={data_cfg.eval_fraction})")
     ds = grain.MapDataset.source(view)
   else:
-    source, (train_idx, eval_idx) = _listed_source(comp.source, comp.paths,
-                                                   data_cfg.eval_fraction, max_bytes, os.getcwd())
-    idx = train_idx if split == "train" else eval_idx
+    source, (train_idx, eval_idx) = _listed_source(comp.source, comp.paths, fraction, max_bytes,
+                                                   os.getcwd())
+    idx = eval_idx if split == "eval" else train_idx  # 'all': fraction 0 holds nothing out
     logging.info("data: %s split of %r: %d of %d documents", split, source, len(idx),
                  len(source))
     if not len(idx):
@@ -221,7 +223,8 @@ def make_dataset(config, split: str, *, local_batch_size: int, patch=None,
                  num_workers: int | None = None, num_epochs: int | None = None,
                  source: str | None = None):
   """The full pipeline for one process: an IterDataset of local batches (numpy dicts); of one
-  data.mixture component when `source` names it (per-source evaluation)."""
+  data.mixture component when `source` names it (per-source evaluation). `split`: 'train',
+  'eval' (the held-out documents) or 'all' (every document, unshuffled: an eval set)."""
   d = config.data
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
