@@ -15,7 +15,6 @@ A request longer than the context is an error unless `truncate_context=True` (th
 keeps its last bytes, as lm-eval's HF model does). `max_gen_toks` counts bytes.
 """
 
-import inspect
 import math
 
 import numpy as np
@@ -227,17 +226,11 @@ class BLTLM(LM):
     longest = 1 + max(len(p) for p in rows)
     cap = min(self.max_length, int(self.blt.max_context))
     room = max(s["max_new"], bucket(longest + s["max_new"], cap) - longest)
-    params = inspect.signature(self.blt.generate_bytes).parameters
-    extra = {}
-    for name, neutral in (("top_k", 0), ("repetition_penalty", 1.0)):
-      if s[name] != neutral:
-        if name not in params:
-          raise ValueError(f"{name} is not supported by this bltjax's generate_bytes")
-        extra[name] = s[name]
-    if s["until"] and "stop" in params:
-      extra["stop"] = tuple(u.encode("utf-8", "surrogateescape") for u in s["until"])
+    stop = tuple(u.encode("utf-8", "surrogateescape") for u in s["until"])
     out = self.blt.generate_bytes(rows, max_new_bytes=room, temperature=s["temperature"],
-                                  top_p=s["top_p"], seed=s["seed"], stop_at_eos=True, **extra)
+                                  top_p=s["top_p"], seed=s["seed"], stop_at_eos=True,
+                                  top_k=s["top_k"], stop=stop,
+                                  repetition_penalty=s["repetition_penalty"])
     return out[:len(prompts)]
 
   def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:

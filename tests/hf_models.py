@@ -31,18 +31,25 @@ def make_hf_blt(directory, *, seed=0, dim=32, heads=2, global_dim=48, global_hea
       decoder_config=dict(local, num_hidden_layers=dec_layers, cross_attn_all_layers=dec_all_layers),
       global_config=dict(hidden_size=global_dim, num_hidden_layers=2,
                          num_attention_heads=global_heads, intermediate_size=2 * global_dim))
-  model = BltForCausalLM(cfg).eval()
+  model = randomize(BltForCausalLM(cfg).eval())
+  with torch.no_grad():
+    if threshold is None:
+      ent, _, _ = model.model.patcher(torch.tensor(np.asarray(calib_tokens)))
+      threshold = float(np.median(ent.numpy()[:, 1:]))
+  model.config.patching_threshold = threshold
+  model.save_pretrained(directory)
+  return model
+
+
+def randomize(model):
+  """Draws every weight at random (norm scales near 1), so that no parameter is a no-op."""
+  import torch
   with torch.no_grad():
     for _, p in model.named_parameters():
       if p.ndim == 1:
         p.copy_(1.0 + 0.3 * torch.randn_like(p))
       else:
         p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
-    if threshold is None:
-      ent, _, _ = model.model.patcher(torch.tensor(np.asarray(calib_tokens)))
-      threshold = float(np.median(ent.numpy()[:, 1:]))
-  model.config.patching_threshold = threshold
-  model.save_pretrained(directory)
   return model
 
 

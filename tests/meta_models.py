@@ -12,6 +12,8 @@ import os
 
 import numpy as np
 
+from tests.hf_models import randomize
+
 # HF component -> Meta component (written out here, independently of bltjax.meta).
 _TO_META = {"self_attn": "attention", "mlp": "feed_forward", "input_layernorm": "attention_norm",
             "post_attention_layernorm": "ffn_norm", "embed_tokens": "tok_embeddings",
@@ -53,13 +55,8 @@ def make_case(*, seed=0, dim=32, heads=2, global_dim=48, global_heads=3, k=2, en
       global_config=dict(hidden_size=global_dim, num_hidden_layers=2,
                          num_attention_heads=global_heads,
                          intermediate_size=meta_ffn(global_dim, multiple_of, ffn_mult)))
-  model = BltForCausalLM(cfg).eval()
+  model = randomize(BltForCausalLM(cfg).eval())
   with torch.no_grad():
-    for _, p in model.named_parameters():
-      if p.ndim == 1:
-        p.copy_(1.0 + 0.3 * torch.randn_like(p))
-      else:
-        p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
     ent, _, _ = model.model.patcher(torch.tensor(np.asarray(calib_tokens)))
   model.config.patching_threshold = float(np.median(ent.numpy()[:, 1:]))
   thetas = {c.rope_parameters["rope_theta"] for c in (cfg.encoder_config, cfg.decoder_config,
