@@ -69,7 +69,8 @@ class BLT:
     ("patcher") included."""
     storage.check_access(path)
     runtime = RuntimeConfig.for_inference(dtype)
-    model_cfg, entropy_cfg, patching_cfg = hf_config.configs_from_hf(hf_config.read_config(path), runtime)
+    model_cfg, entropy_cfg, patching_cfg = hf_config.configs_from_hf(hf_config.read_config(path),
+                                                                     runtime)
     reader = hf.SafetensorsReader(path)
     maps = [hf.blt_key_map(model_cfg)]
     if entropy_cfg is not None:

@@ -132,7 +132,8 @@ class Generator:
         open_has_eos=jnp.zeros((b,), bool), patch_doc=zeros(), byte_doc=zeros(),
         pe=jnp.zeros((b, 1, c.cross_attn_k, c.decoder.dim), dt),
         done=jnp.zeros((b,), bool), rng=jax.random.key(seed),
-        seen=mark_seen(jnp.zeros((b, c.vocab_size), bool), jnp.asarray(tokens_BxT[:, 0], jnp.int32)),
+        seen=mark_seen(jnp.zeros((b, c.vocab_size), bool),
+                       jnp.asarray(tokens_BxT[:, 0], jnp.int32)),
         stops=jnp.asarray(stop_ids, jnp.int32), stop_len=jnp.asarray(stop_len, jnp.int32))
 
   # -- one cached step ----------------------------------------------------------------------------

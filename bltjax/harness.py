@@ -145,7 +145,8 @@ class BLTLM(LM):
         raise ContextTooLong(
             f"{where}: the request is {n} bytes (context {n - k}, continuation {k}), more than "
             f"the model's context of {self.max_length} bytes (the task asks for more context "
-            "than the model has; truncate_context=True keeps the context's last bytes)")
+            "than the model has; --truncate_context / truncate_context=True keeps the "
+            "context's last bytes)")
       self.truncated += 1
       full = full[-(self.max_length + 1):]
     return full[:-1], full[1:][-k:]
@@ -252,7 +253,8 @@ class BLTLM(LM):
             raise ContextTooLong(
                 f"{_where(requests[i], i)}: the prompt is {len(prompt)} bytes, with "
                 f"max_gen_toks={s['max_new']} more than the model's context of "
-                f"{self.max_length} bytes (truncate_context=True keeps its last bytes)")
+                f"{self.max_length} bytes (--truncate_context / truncate_context=True keeps its "
+                "last bytes)")
           self.truncated += 1
           prompt = prompt[len(prompt) - room:]
         prompts[i] = tokenizer.decode_bytes(prompt)

@@ -145,7 +145,7 @@ def blt_config(args: dict, where: str, runtime: RuntimeConfig) -> tuple[BLTConfi
                     where)
   elif a["attn_bias_type"] != "block_causal":
     _unsupported(where, "attn_bias_type", a["attn_bias_type"],
-                 "only 'block_causal' (or 'causal', which agrees without EOS inside) is implemented")
+                 "only 'block_causal' (or 'causal', equal without EOS inside) is implemented")
   if a["patching_mode"] == "":
     _unsupported(where, "patching_mode", "", "prepends patch_size - 1 BOE bytes (MegaByte)")
   if a["dim_token"] is not None and a["dim_token"] != a["dim_local_encoder"]:
