@@ -67,7 +67,6 @@ _BLT_REQUIRED = dict(
     downsampling_by_pooling="max", use_local_encoder_transformer=True, use_rope=True,
     share_encoder_decoder_emb=True, encoder_enable_byte_ngrams=False, ngram_vocab_sizes=None,
     encoder_ngram_to_size_str=None,  # frequency n-gram tables
-    attn_impl="xformers",  # sdpa: Meta raises for the local models; flex: no window, no docs
     pm_size=0,  # parameter mixing rows appended to the byte vocab
     eos_id=2)
 # Read by no model code (legacy), or only by training/initialisation/parallelism/logging, or only
@@ -131,12 +130,26 @@ def _stack(a: dict, dim: int, n_layers: int, n_heads, n_kv_heads, window, where:
       attn_window=None if window is None else int(window))
 
 
+def _check_attn_impl(a: dict, where: str):
+  """attn_impl picks Meta's kernel, not the model: only xformers computes the masks the released
+  weights were trained with (sliding window, documents); Meta's sdpa/flex paths raise or drop
+  them. bltjax always computes those masks, so other values load, with a warning."""
+  if a["attn_impl"] not in ("xformers", "sdpa", "flex_attention"):
+    _unsupported(where, "attn_impl", a["attn_impl"], "Meta's kernels are xformers, sdpa and "
+                 "flex_attention")
+  if a["attn_impl"] != "xformers":
+    logging.warning("%s: attn_impl=%r: bltjax computes the xformers masks (sliding window, "
+                    "documents split at EOS) that Meta's %s path would raise for or drop", where,
+                    a["attn_impl"], a["attn_impl"])
+
+
 def blt_config(args: dict, where: str, runtime: RuntimeConfig) -> tuple[BLTConfig, int | None]:
   """ByteLatentTransformerArgs dict -> (BLTConfig, max_encoder_seq_length or None)."""
   a = _complete(args, BLT_DEFAULTS, where, "ByteLatentTransformerArgs")
   for field, want in _BLT_REQUIRED.items():
     if a[field] != want:
       _unsupported(where, field, a[field], f"only {want!r} is implemented")
+  _check_attn_impl(a, where)
   if a["attn_bias_type"] == "causal":
     # The latent attention then crosses documents; ours splits it after each patch that holds an
     # EOS. The two agree on any input without an EOS inside it, so this loads, with a warning.
@@ -206,8 +219,7 @@ def entropy_config_hub(args: dict, where: str, runtime: RuntimeConfig) -> Entrop
   a = _complete(args, LM_DEFAULTS, where, "LMTransformerArgs")
   if a["weight_tying"]:
     _unsupported(where, "weight_tying", True, "tied output embeddings are not implemented")
-  if a["attn_impl"] != "xformers":
-    _unsupported(where, "attn_impl", a["attn_impl"], "only 'xformers' masks are implemented")
+  _check_attn_impl(a, where)
   bias, window = a["attn_bias_type"], a["sliding_window"]
   if bias == "local_block_causal":
     if window is None:

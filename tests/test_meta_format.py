@@ -165,7 +165,7 @@ def test_every_meta_field_is_classified():
           "encoder_hash_byte_group_nb_functions", "n_heads_global", "n_heads_local_decoder",
           "n_heads_local_encoder", "n_kv_heads", "n_kv_heads_global", "local_attention_window_len",
           "head_dim", "ffn_dim_multiplier", "multiple_of", "norm_eps", "rope_theta",
-          "patching_mode", "attn_bias_type"}
+          "patching_mode", "attn_bias_type", "attn_impl"}
   classified = used | set(meta_config._BLT_REQUIRED) | meta_config._BLT_IGNORED
   assert classified == set(meta_config.BLT_DEFAULTS)
 
@@ -235,7 +235,7 @@ UNSUPPORTED = {
     "cross_attn_init_by_pooling": False, "use_rope": False, "encoder_enable_byte_ngrams": True,
     "ngram_vocab_sizes": 1000, "dim_token": 16, "dim_local_decoder": 64,
     "use_local_encoder_transformer": False, "cross_attn_window_encoder": 512,
-    "cross_attn_window_decoder": 512, "attn_bias_type": "local_causal", "attn_impl": "sdpa",
+    "cross_attn_window_decoder": 512, "attn_bias_type": "local_causal", "attn_impl": "cuda",
     "head_dim": 8, "share_encoder_decoder_emb": False, "pm_size": 4, "cross_attn_k": None,
     "local_attention_window_len": None, "patching_mode": "",
 }
@@ -253,11 +253,13 @@ def test_unsupported_field_is_named(hub, tmp_path, field):
 
 
 def test_causal_latent_loads_with_a_warning(hub, tmp_path, caplog):
-  """attn_bias_type='causal' agrees with our block-causal latent on inputs without EOS inside."""
-  ok = _variant(hub, tmp_path, "c", args=dict(hub["args"], attn_bias_type="causal"))
+  """attn_bias_type='causal' agrees with our block-causal latent on inputs without EOS inside;
+  attn_impl picks Meta's kernel, not the model."""
+  ok = _variant(hub, tmp_path, "c", args=dict(hub["args"], attn_bias_type="causal",
+                                               attn_impl="sdpa"))
   with caplog.at_level(logging.WARNING):
     blt = BLT.from_meta(ok, hub["entropy"])
-  assert "attn_bias_type='causal'" in caplog.text
+  assert "attn_bias_type='causal'" in caplog.text and "attn_impl='sdpa'" in caplog.text
   assert blt.config == BLT.from_meta(hub["path"], hub["entropy"]).config
 
 
