@@ -33,6 +33,15 @@ def param_shapes(module: nn.Module, *example_args) -> dict:
   return {tuple(k.key for k in path): leaf.shape for path, leaf in flat}
 
 
+def blt_param_shapes(cfg: BLTConfig) -> dict:
+  return param_shapes(ByteLatentTransformer(cfg), np.ones((1, 4), np.int32),
+                      np.ones((1, 5), np.int32))
+
+
+def entropy_param_shapes(cfg: EntropyModelConfig) -> dict:
+  return param_shapes(EntropyModel(cfg), np.ones((1, 4), np.int32))
+
+
 def _with_runtime(model: dict, dtype: str) -> dict:
   """Inference runtime: the requested compute dtype, fp32 params, no rematerialisation."""
   return dict(model, runtime=RuntimeConfig.for_inference(dtype))
@@ -69,23 +78,20 @@ class BLT:
     ("patcher") included."""
     storage.check_access(path)
     runtime = RuntimeConfig.for_inference(dtype)
-    model_cfg, entropy_cfg, patching_cfg = hf_config.configs_from_hf(hf_config.read_config(path),
-                                                                     runtime)
+    hf_cfg = hf_config.read_config(path)
+    model_cfg, entropy_cfg, patching_cfg = hf_config.configs_from_hf(hf_cfg, runtime)
     reader = hf.SafetensorsReader(path)
     maps = [hf.blt_key_map(model_cfg)]
     if entropy_cfg is not None:
       maps.append(hf.entropy_key_map(entropy_cfg))
     hf.check_tensor_names(reader, *maps, where=path)
-    tokens, lengths = np.ones((1, 4), np.int32), np.ones((1, 5), np.int32)
-    params = hf.load_params(reader, maps[0],
-                            param_shapes(ByteLatentTransformer(model_cfg), tokens, lengths),
-                            where=path)
+    params = hf.load_params(reader, maps[0], blt_param_shapes(model_cfg), where=path)
     entropy_params = None
     if entropy_cfg is not None:
-      entropy_params = hf.load_params(reader, maps[1],
-                                      param_shapes(EntropyModel(entropy_cfg), tokens), where=path)
+      entropy_params = hf.load_params(reader, maps[1], entropy_param_shapes(entropy_cfg),
+                                      where=path)
     logging.info("Loaded BLT from %s (patching: %s)", path, patching_cfg)
-    max_context = hf_config.max_context(hf_config.read_config(path))
+    max_context = hf_config.max_context(hf_cfg)
     return cls(model_cfg, params, patching_cfg=patching_cfg, entropy_cfg=entropy_cfg,
                entropy_params=entropy_params, max_context=max_context)
 
@@ -125,11 +131,8 @@ class BLT:
     model comes from `entropy_dir` (hub facebook/blt-entropy or consolidated), else from an
     entropy_model/ inside or beside `path`."""
     storage.check_access(path)
-    tokens, lengths = np.ones((1, 4), np.int32), np.ones((1, 5), np.int32)
-    got = meta.load(
-        path, entropy_dir, dtype=dtype,
-        blt_shapes=lambda c: param_shapes(ByteLatentTransformer(c), tokens, lengths),
-        entropy_shapes=lambda c: param_shapes(EntropyModel(c), tokens))
+    got = meta.load(path, entropy_dir, dtype=dtype, blt_shapes=blt_param_shapes,
+                    entropy_shapes=entropy_param_shapes)
     return cls(got["model_cfg"], got["params"], patching_cfg=got["patching_cfg"],
                entropy_cfg=got["entropy_cfg"], entropy_params=got["entropy_params"],
                max_context=got["max_context"])

@@ -14,6 +14,7 @@ the model's context is an error unless --truncate_context (see bltjax.harness).
 """
 
 import json
+import os
 
 from absl import flags, logging
 from etils import epath
@@ -75,7 +76,7 @@ def results_file(output_path: str) -> epath.Path:
 
 def main(argv):
   del argv
-  from bltjax import logs  # pylint: disable=import-outside-toplevel
+  from bltjax import logs, storage  # pylint: disable=import-outside-toplevel
   logs.quiet_libraries()
   try:
     simple_evaluate, TaskManager, make_table = import_lm_eval()  # noqa: N806
@@ -87,6 +88,8 @@ def main(argv):
     raise ValueError("--tasks names no task")
   if FLAGS.include_path and not epath.Path(FLAGS.include_path).is_dir():
     raise ValueError(f"--include_path {FLAGS.include_path}: no such directory")
+  if FLAGS.output_path:  # fail now, not after the evaluation
+    storage.check_access(os.fspath(results_file(FLAGS.output_path).parent), write=True)
   task_manager = TaskManager(include_path=FLAGS.include_path)
   check_tasks(tasks, task_manager, FLAGS.include_path)
   lm = harness.BLTLM(checkpoint=FLAGS.checkpoint, batch_size=FLAGS.batch_size,

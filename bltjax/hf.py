@@ -176,14 +176,15 @@ def _listing(names) -> str:
   return str(names[:20]) + (f" (+{len(names) - 20} more)" if len(names) > 20 else "")
 
 
-def check_tensor_names(reader: SafetensorsReader, *key_maps, where: str):
+def check_tensor_names(reader, *key_maps, where: str, message: str = "checkpoint does not match "
+                       "its config.json"):
   """Raises naming every tensor the config needs but the file lacks, and every one left over."""
   wanted = set().union(*(hf_names(m) for m in key_maps))
   missing, extra = wanted - reader.names(), reader.names() - wanted
   problems = ([f"missing tensor(s) {_listing(missing)}"] if missing else []) + (
       [f"unexpected tensor(s) {_listing(extra)}"] if extra else [])
   if problems:
-    raise ValueError(f"{where}: checkpoint does not match its config.json: " + "; ".join(problems))
+    raise ValueError(f"{where}: {message}: " + "; ".join(problems))
 
 
 def load_params(reader: SafetensorsReader, key_map, expected_shapes: dict, *, where: str,

@@ -162,13 +162,8 @@ def _load(reader: _Reader, key_map, shapes: dict, *, strict: bool, dtype=np.floa
     # Meta loads entropy models with strict=False; we only refuse missing tensors.
     logging.warning("%s: ignoring unexpected tensor(s) %s", reader.where, sorted(extra)[:20])
     reader = _Filtered(reader, wanted)
-  missing = wanted - reader.names()
-  extra = reader.names() - wanted
-  if missing or extra:
-    problems = ([f"missing tensor(s) {_listing(missing)}"] if missing else []) + (
-        [f"unexpected tensor(s) {_listing(extra)}"] if extra else [])
-    raise ValueError(f"{reader.where}: tensors do not match the model args: "
-                     + "; ".join(problems))
+  hf.check_tensor_names(reader, key_map, where=reader.where,
+                        message="tensors do not match the model args")
   shapes = dict(shapes)
   hash_path = ("embed", "hash_embeddings", "embedding")
   fused = shapes.get(hash_path)
@@ -181,11 +176,6 @@ def _load(reader: _Reader, key_map, shapes: dict, *, strict: bool, dtype=np.floa
     table = params["embed"]["hash_embeddings"]["embedding"]
     params["embed"]["hash_embeddings"]["embedding"] = table.reshape(-1, table.shape[-1])
   return params
-
-
-def _listing(names) -> str:
-  names = sorted(names)
-  return str(names[:20]) + (f" (+{len(names) - 20} more)" if len(names) > 20 else "")
 
 
 class _Filtered:
