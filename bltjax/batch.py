@@ -7,6 +7,9 @@ patching.max_patches, T = hash tables):
   tokens         int32 [B, N]    input ids (BOS/EOS mark documents in a packed row)
   targets        int32 [B, N]    the next ids
   mask           f32   [B, N]    1 for real targets, 0 for padding at the end of a finite stream
+  target_bytes   f32   [B, N]    token_lm only (N = data.seq_len BPE tokens): the text bytes each
+                                 target token covers (EOS counts 1; 0 where mask is 0): the loss
+                                 is nats per byte (bltjax.bpe)
   patch_lengths  int32 [B, P]    BLT only; rows sum to N + 1. Cut on the host (host patching) or
                                  on the devices from tokens/entropies (accelerator patching)
   hash_ids       int32 [B, N, T] BLT with data.host_hash_ids only
@@ -27,7 +30,8 @@ from bltjax.data import flags
 
 FLAG_NAMES = flags.NAMES  # metric names of the doc_flag_counts columns
 # Keys a device may read; everything else in a local batch stays on the host.
-DEVICE_KEYS = ("tokens", "targets", "mask", "patch_lengths", "hash_ids", "entropies")
+DEVICE_KEYS = ("tokens", "targets", "mask", "target_bytes", "patch_lengths", "hash_ids",
+               "entropies")
 
 
 def device_patching(config) -> bool:
@@ -41,6 +45,8 @@ def spec(config, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
   out = dict(tokens=jax.ShapeDtypeStruct((batch_size, n), jnp.int32),
              targets=jax.ShapeDtypeStruct((batch_size, n), jnp.int32),
              mask=jax.ShapeDtypeStruct((batch_size, n), jnp.float32))
+  if config.model_type == "token_lm":
+    out["target_bytes"] = jax.ShapeDtypeStruct((batch_size, n), jnp.float32)
   if config.model_type == "blt":
     out["patch_lengths"] = jax.ShapeDtypeStruct((batch_size, config.patching.max_patches),
                                                 jnp.int32)

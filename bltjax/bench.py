@@ -6,6 +6,9 @@
   generate  cached generation vs. full recomputation (see bltjax.generate).
   pipeline  how a pod is fed: entropy FLOPs share, host cores needed, host pipeline
             bytes/s per core, start-up time and memory per process on a multi-GB corpus.
+  compress  gzip -9, xz -9e and zstd -19 bits per byte on exactly the held-out bytes the trainer's
+            eval_bpb covers (--config=experiments/small.py[:arg], default experiments/debug.py;
+            --config.field=value overrides as for bltjax.main); see bltjax.bench_compress.
 
 These machines are noisy: each figure is a median over several timed steps, and ratios are taken
 between measurements interleaved in the same run.
@@ -16,6 +19,7 @@ import os
 import time
 
 from absl import app, flags
+from ml_collections import config_flags
 
 from bltjax import xla_flags
 
@@ -355,6 +359,21 @@ def bench_pipeline():
   bench_data.bench_startup(corpus_gb=_CORPUS_GB.value)
 
 
+_COMPRESS_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "compress: the experiment whose held-out bytes to compress (default: "
+    "experiments/debug.py)", lock_config=False)
+
+
+def bench_compress():
+  from bltjax import bench_compress, configs
+  if _COMPRESS_CONFIG.value is None:
+    path = os.path.join(os.path.dirname(__file__), "..", "experiments", "debug.py")
+    config, name = configs.load(path), "experiments/debug.py"
+  else:
+    config, name = _COMPRESS_CONFIG.value, flags.FLAGS["config"].config_filename
+  bench_compress.main(config, f"{name}: ")
+
+
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: python -m bltjax.bench {{{','.join(COMMANDS)}}} [--flags]")
@@ -362,7 +381,7 @@ def main(argv):
 
 
 COMMANDS = {"train": bench_train, "generate": bench_generate, "pipeline": bench_pipeline,
-            "_port": port_worker, "_pipeline": _pipeline_worker}
+            "compress": bench_compress, "_port": port_worker, "_pipeline": _pipeline_worker}
 
 if __name__ == "__main__":
   from bltjax import cli

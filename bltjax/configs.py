@@ -3,8 +3,9 @@
 A config is an `ml_collections.ConfigDict` with the sections below; every field is set and
 commented in the experiment files, never defaulted here.
 
-  seed, model_type ('blt' | 'entropy_model'), model, data, train, optim, mesh,
-  patching and entropy_model (the stage-1 config) for BLT configs.
+  seed, model_type ('blt' | 'entropy_model' | 'token_lm'), model, data, train, optim, mesh,
+  patching and entropy_model (the stage-1 config) for BLT configs, tokenizer (path, train_bytes)
+  for token_lm configs (the BPE baseline: bltjax.bpe; its data.seq_len counts tokens).
 """
 
 import copy
@@ -21,7 +22,8 @@ from bltjax.data import sources
 from bltjax.data.sources import SOURCES
 from bltjax.model.config import BLTConfig, EntropyModelConfig, PatchingConfig
 
-MODEL_TYPES = ("blt", "entropy_model")
+MODEL_TYPES = ("blt", "entropy_model", "token_lm")
+TOKENIZER_FIELDS = ("path", "train_bytes")  # the tokenizer section of a token_lm config
 # Where patches are cut: in the input pipeline on the host CPUs, or on the accelerators one batch
 # ahead of the step (bltjax/patcher.py).
 PATCHING_PLACEMENTS = ("host", "accelerator")
@@ -50,6 +52,8 @@ def load(spec: str) -> ml_collections.ConfigDict:
 
 
 def model_config(config) -> BLTConfig | EntropyModelConfig:
+  """BLT: a BLTConfig; the entropy model and token_lm (the same LM over BPE tokens, with
+  model.vocab_size = the BPE vocabulary): an EntropyModelConfig."""
   cls = BLTConfig if config.model_type == "blt" else EntropyModelConfig
   return cls.from_dict(config.model.to_dict())
 
@@ -186,6 +190,9 @@ def validate(config, num_devices: int | None):
            f"optim.warmup_steps={o.warmup_steps} must be in [0, train.steps={t.steps}]")
   _require(0 <= o.lr_min_ratio <= 1, f"optim.lr_min_ratio={o.lr_min_ratio} must be in [0, 1]")
 
+  if config.model_type == "token_lm":
+    _validate_tokenizer(config, model)
+
   windows = ([("model.encoder", model.encoder), ("model.decoder", model.decoder)]
              if config.model_type == "blt" else [("model.transformer", model.transformer)])
   for name, tc in windows:
@@ -217,6 +224,28 @@ def validate(config, num_devices: int | None):
   return model, patching
 
 
+def _validate_tokenizer(config, model):
+  from bltjax import bpe  # noqa: PLC0415 (bpe imports the data modules)
+  tok = config.get("tokenizer")
+  _require(isinstance(tok, _DICTS), "model_type='token_lm' needs a tokenizer section "
+           f"with fields {TOKENIZER_FIELDS}")
+  unknown = sorted(set(tok) - set(TOKENIZER_FIELDS))
+  _require(not unknown, f"tokenizer.{unknown[0] if unknown else ''} is not a field of the "
+           f"tokenizer section; valid fields: {TOKENIZER_FIELDS}")
+  _require(tok.get("path") is None or (isinstance(tok.path, str) and tok.path),
+           f"tokenizer.path={tok.get('path')!r} must be None (train one into "
+           "WORKDIR/tokenizer.json) or the path of a tokenizer.json")
+  tb = tok.get("train_bytes")
+  _require(isinstance(tb, int) and not isinstance(tb, bool) and tb >= 1,
+           f"tokenizer.train_bytes={tb!r} must be an int >= 1")
+  _require(model.vocab_size >= bpe.MIN_VOCAB,
+           f"model.vocab_size={model.vocab_size} must be >= {bpe.MIN_VOCAB} (4 special ids, "
+           "the 256 byte tokens and at least one merge)")
+  _require(not config.data.preprocessed_dir,
+           "data.preprocessed_dir holds BLT rows of bytes; token_lm reads its documents online "
+           "(set data.preprocessed_dir=None)")
+
+
 def tiny(config) -> ml_collections.ConfigDict:
   """`experiment.py:tiny`: the same experiment shrunk for a smoke run on one CPU machine.
 
@@ -241,6 +270,7 @@ def tiny(config) -> ml_collections.ConfigDict:
 
   shrink_stage(c)
   if c.model_type == "blt":
+    c.train.entropy_figure = False  # smoke runs skip drawing (matplotlib import, a compile)
     for name in ("encoder", "decoder"):
       shrink_stack(c.model[name])
     shrink_stack(c.model.latent, window=False)
@@ -251,6 +281,9 @@ def tiny(config) -> ml_collections.ConfigDict:
     if c.patching.mode == "entropy" and not c.patching.entropy_model_checkpoint:
       shrink_stack(c.entropy_model.model.transformer)
       shrink_stage(c.entropy_model)
-  else:
-    shrink_stack(c.model.transformer)
+  else:  # the token_lm attends over its whole row, as the BLT's latent does
+    shrink_stack(c.model.transformer, window=c.model_type != "token_lm")
+  if c.model_type == "token_lm":
+    c.model.vocab_size = 512
+    c.tokenizer.train_bytes = 1 << 20
   return c

@@ -101,6 +101,13 @@ def lm_flops_per_byte(cfg: EntropyModelConfig, seq_len: int, training: bool = Tr
   return fwd * (3.0 if training else 1.0)
 
 
+def token_lm_flops_per_byte(cfg: EntropyModelConfig, seq_len_tokens: int, bytes_per_token: float,
+                            training: bool = True) -> float:
+  """The BPE baseline (token_lm): the same LM over tokens (attention over `seq_len_tokens`,
+  output over the BPE vocabulary), per token, over the measured bytes per token."""
+  return lm_flops_per_byte(cfg, seq_len_tokens, training) / bytes_per_token
+
+
 def device_peak_flops(device, dtype: str = "bfloat16") -> float:
   """Peak FLOP/s of one device: the table for accelerators, measured for CPUs."""
   kind = device.device_kind.lower()

@@ -8,6 +8,7 @@ are copied to WORKDIR/tensorboard/ at the same times. A failed upload is logged 
 records stay in memory); `flush()` and `close()` upload at once and raise if that fails.
 """
 
+import io
 import json
 import logging
 import os
@@ -71,6 +72,20 @@ class MetricWriter:
     with self._lock:
       self._lines.append(line)
       self._add_scalars(record, step)
+      self._dirty = True
+
+  def write_image(self, step: int, tag: str, png: bytes):
+    """A PNG (e.g. `bltjax.plot.figure_png`) as TensorBoard image `tag` at `step`."""
+    if not self.enabled:
+      return
+    import numpy as np
+    from PIL import Image  # comes with matplotlib; tensorboardX encodes images with it too
+    image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))  # HWC uint8
+    if not self.remote:
+      self._tb.add_image(self.prefix + tag, image, step, dataformats="HWC")
+      return
+    with self._lock:
+      self._tb.add_image(self.prefix + tag, image, step, dataformats="HWC")
       self._dirty = True
 
   def _add_scalars(self, record, step):

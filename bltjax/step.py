@@ -24,18 +24,22 @@ from bltjax.model.layers import constrain
 LN2 = math.log(2.0)
 
 
-def loss_sums(logits_BxNxV, targets_BxN, mask_BxN):
-  """(sum of masked cross-entropy in nats, number of target bytes), both fp32 scalars."""
+def loss_sums(logits_BxNxV, targets_BxN, mask_BxN, target_bytes_BxN=None):
+  """(sum of masked cross-entropy in nats, number of target bytes), both fp32 scalars.
+
+  Byte models: a target is one byte. BPE (token_lm): `target_bytes_BxN` gives the text bytes of
+  each target token, so that ce_sum / count is nats per byte of text (bltjax.bpe)."""
   ce = optax.softmax_cross_entropy_with_integer_labels(logits_BxNxV.astype(jnp.float32),
                                                        targets_BxN)
   mask = mask_BxN.astype(jnp.float32)
-  return jnp.sum(ce * mask), jnp.sum(mask)
+  count = mask if target_bytes_BxN is None else mask * target_bytes_BxN.astype(jnp.float32)
+  return jnp.sum(ce * mask), jnp.sum(count)
 
 
 def make_loss_fn(config, model):
   def loss_fn(params, batch):
     logits = model.apply({"params": params}, *batch_lib.model_inputs(config, batch))
-    return loss_sums(logits, batch["targets"], batch["mask"])
+    return loss_sums(logits, batch["targets"], batch["mask"], batch.get("target_bytes"))
   return loss_fn
 
 

@@ -6,6 +6,7 @@ and resumes either stage from `WORKDIR[/entropy_model]/checkpoints` when re-run.
 """
 
 import contextlib
+import copy
 import functools
 import json
 import logging
@@ -16,7 +17,7 @@ import jax
 import numpy as np
 
 from bltjax import batch as batch_lib
-from bltjax import checkpoint, configs, errors, flops, heldout, metrics, optim, patcher
+from bltjax import bpe, checkpoint, configs, errors, flops, heldout, metrics, optim, patcher
 from bltjax import preemption
 from bltjax import sharding, storage, workdir_lock
 from bltjax import step as step_lib
@@ -50,6 +51,9 @@ def run(config, workdir: str, *, stop_at_step: int | None = None, force_unlock: 
 
 def _run(config, workdir, stop_at_step):
   entropy_ckpt = None
+  if config.model_type == "token_lm":  # the BPE baseline: its tokenizer first (bltjax.bpe)
+    config = copy.deepcopy(config)
+    config.tokenizer.path = bpe.ensure_tokenizer(config, workdir)  # recorded in config.json
   if config.model_type == "blt" and config.patching.mode == "entropy" and \
       not config.data.preprocessed_dir:  # stored entropies need no entropy model
     entropy_ckpt = config.patching.entropy_model_checkpoint
@@ -170,6 +174,9 @@ def train_stage(config, workdir: str, *, entropy_checkpoint: str | None = None,
                               abstract.params, step_spec).compile()
     evaluator = heldout.Evaluator(config, eval_fn, host_patch, local_batch, feed)
     loop = _Loop(config, workdir, ckpt, meta, state, train_it, train_fn, evaluator, feed)
+    if patching is not None and patching.entropy is not None and config.train.entropy_figure:
+      from bltjax import plot
+      loop.entropy_figure = plot.TrainingFigure.create(patching)
     if device_patcher is not None and patching.entropy is not None:
       # The entropy model's forward pass now runs on the same chips: MFU counts it (bltjax.flops).
       loop.entropy_cfg = EntropyModelConfig.from_dict(patching.entropy.model)
@@ -218,7 +225,7 @@ class _Loop:
     self.config, self.workdir, self.ckpt, self.meta = config, workdir, ckpt, meta
     self.state, self.train_it, self.train_fn = state, train_it, train_fn
     self.evaluator, self.feed = evaluator, feed
-    desc = "entropy model" if config.model_type == "entropy_model" else "BLT"
+    desc = {"entropy_model": "entropy model", "token_lm": "token LM"}.get(config.model_type, "BLT")
     self.model_cfg = configs.model_config(config)
     self.peak = flops.device_peak_flops(jax.devices()[0], self.model_cfg.runtime.dtype)
     self.writer = metrics.MetricWriter(workdir)
@@ -227,6 +234,7 @@ class _Loop:
     self.t_done = time.perf_counter()
     self.preemption, self.preempted = preemption.PreemptionGuard(), False
     self.entropy_cfg = None  # set when the entropy model runs on the accelerators
+    self.entropy_figure = None  # bltjax.plot.TrainingFigure: set with an entropy model
     self.guard_seen = _guard_counts(jax.device_get(state.guard))  # skips before this run
     self.last_saved = None
     self.all_finite = jax.jit(step_lib.all_finite)
@@ -335,6 +343,8 @@ class _Loop:
       self.writer.write(step, evals)
       self.progress.update(step, evals)
       logging.info("step %d: %s", step, {k: round(v, 4) for k, v in evals.items()})
+    if self.entropy_figure is not None:  # never fails the run; only process 0 writes
+      self.entropy_figure.log(self.writer, step, self.evaluator)
     self.window["excluded"] += time.perf_counter() - t0
 
   def _next(self):
@@ -347,17 +357,23 @@ class _Loop:
     return device, stats | device_stats
 
   def _throughput(self, values) -> dict:
-    """FLOPs per byte (bltjax.flops, with this window's mean patch size), per-device FLOP/s
-    and bytes/s, and MFU against the device's peak."""
+    """FLOPs per byte (bltjax.flops, with this window's mean patch size, or its bytes per token
+    for token_lm), per-device FLOP/s and bytes/s, and MFU against the device's peak."""
     n = self.config.data.seq_len
+    extra = {}
     if self.config.model_type == "blt":
       fpb = flops.blt_flops_per_byte(self.model_cfg, n, values["bytes_per_patch"],
                                      entropy=self.entropy_cfg)["total"]
+    elif self.config.model_type == "token_lm":
+      # The window's sums from _host_stats become its bytes per token (not logged themselves).
+      bpt = values.pop("text_bytes") / max(values.pop("target_tokens"), 1.0)
+      extra["bytes_per_token"] = bpt
+      fpb = flops.token_lm_flops_per_byte(self.model_cfg, n, bpt)
     else:
       fpb = flops.lm_flops_per_byte(self.model_cfg, n)
     per_device = values["bytes_per_sec"] / jax.device_count()
-    return dict(flops_per_byte=fpb, bytes_per_sec_per_device=per_device,
-                flops_per_sec_per_device=fpb * per_device, mfu=fpb * per_device / self.peak)
+    return extra | dict(flops_per_byte=fpb, bytes_per_sec_per_device=per_device,
+                        flops_per_sec_per_device=fpb * per_device, mfu=fpb * per_device / self.peak)
 
   def _log(self, step, device_metrics, window):
     # Step metrics and device-side patch statistics: one fetch, one step late.
@@ -387,4 +403,8 @@ def _host_stats(local):
   """In the prefetch thread: the batch plus its host-side statistics for the logs."""
   stats = batch_lib.host_stats(local)
   stats["target_bytes"] = float(local["mask"].sum()) * jax.process_count()
+  if "target_bytes" in local:  # token_lm: text bytes, not targets (and both, for bytes/token)
+    stats["target_tokens"] = stats["target_bytes"]
+    stats["target_bytes"] = float(local["target_bytes"].sum()) * jax.process_count()
+    stats["text_bytes"] = stats["target_bytes"]
   return local, stats

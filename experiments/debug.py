@@ -16,7 +16,7 @@ from bltjax import configs
 def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seed = 0                  # PRNG seed for initialisation and data order
-  c.model_type = "blt"        # 'blt' or 'entropy_model'
+  c.model_type = "blt"        # 'blt', 'entropy_model' or 'token_lm'
   c.init_from = placeholder(str)  # start from these params (python -m bltjax.convert/export
                                   # output, or a workdir); its entropy model cuts the patches
 
@@ -112,6 +112,8 @@ def get_config(arg=None):
       max_skipped_steps=10,   # consecutive skipped updates (either kind) before the run stops
       loss_spike_factor=0.0,  # >0: skip updates whose loss > factor x its running mean (0: off)
       loss_spike_window=100,  # horizon of that running mean, in accepted updates
+      entropy_figure=True,  # at each evaluation, log the next-byte entropy and patches of a
+                            # held-out snippet to TensorBoard (patches/entropy; needs [plot])
       eval_sets={})           # named held-out sources, each read whole and logged as
                               # eval/<name>/bpb and eval/<name>/loss at every evaluation
                               # (train.eval_batches batches each), e.g.

@@ -22,6 +22,7 @@ import grain
 import jax
 import numpy as np
 
+from bltjax import bpe
 from bltjax.data import flags, mixture, paths as paths_lib, preprocessed, sources, streams
 
 source_names = mixture.source_names
@@ -67,14 +68,19 @@ class SplitView:
 
 class WindowToExample(grain.transforms.Map):
   """A packed window of N + 1 ids -> inputs, targets, loss mask and per-row document flags
-  (`doc_flag_counts`: documents per flag, in `flags.FLAGS` order)."""
+  (`doc_flag_counts`: documents per flag, in `flags.FLAGS` order); BPE windows (token_lm) also
+  give `target_bytes`, the text bytes of each target (0 where the mask is 0)."""
 
   def map(self, w):
     tokens, seg = w["tokens"], w["tokens_segment_ids"]
     counts = flags.counts(w["doc_flags"])
-    return dict(tokens=tokens[:-1].astype(np.int32), targets=tokens[1:].astype(np.int32),
-                # Padding (segment 0) only occurs at the end of a finite stream.
-                mask=(seg[1:] > 0).astype(np.float32), doc_flag_counts=counts)
+    # Padding (segment 0) only occurs at the end of a finite stream.
+    mask = (seg[1:] > 0).astype(np.float32)
+    out = dict(tokens=tokens[:-1].astype(np.int32), targets=tokens[1:].astype(np.int32),
+               mask=mask, doc_flag_counts=counts)
+    if "token_bytes" in w:
+      out["target_bytes"] = w["token_bytes"][1:].astype(np.float32) * mask
+    return out
 
 
 @functools.lru_cache(maxsize=8)
@@ -161,25 +167,28 @@ def tokenized_documents(data_cfg, split: str, *, seed: int, process_index: int,
   return docs.map(sources.DocumentToTokens())
 
 
-def _windows(comp, data_cfg, split, **kw):
-  docs = _documents(comp, data_cfg, split, **kw).map(sources.DocumentToTokens())
+def _windows(comp, data_cfg, split, tokenizer=None, **kw):
+  to_tokens = sources.DocumentToTokens() if tokenizer is None else bpe.DocumentToBPE(tokenizer)
+  docs = _documents(comp, data_cfg, split, **kw).map(to_tokens)
   if isinstance(docs, grain.MapDataset):
     docs = docs.to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.read_threads,
                                                   prefetch_buffer_size=data_cfg.read_buffer))
   n = data_cfg.seq_len + 1
-  it = grain.experimental.ConcatThenSplitIterDataset(
-      docs, length_struct={"tokens": n, "doc_flags": n})
+  lengths = {"tokens": n, "doc_flags": n} | ({"token_bytes": n} if tokenizer else {})
+  it = grain.experimental.ConcatThenSplitIterDataset(docs, length_struct=lengths)
   return it.map(WindowToExample())
 
 
 def packed_windows(data_cfg, split: str, *, seed: int, process_index: int, process_count: int,
-                   shuffle: bool, num_epochs: int | None = None, source: str | None = None):
+                   shuffle: bool, num_epochs: int | None = None, source: str | None = None,
+                   tokenizer: str | None = None):
   """IterDataset of single examples (windows of data.seq_len bytes + targets) of data shard
   `process_index` of `process_count`: of source `source`, or of every source mixed by weight
-  (a finite mixture ends when its first source does)."""
+  (a finite mixture ends when its first source does). `tokenizer`: the path of a BPE tokenizer
+  (token_lm): windows of data.seq_len BPE tokens, with their bytes (`bltjax.bpe`)."""
   comps = mixture.select(data_cfg, source)
   kw = dict(seed=seed, shard=process_index, shards=process_count, shuffle=shuffle,
-            num_epochs=num_epochs)
+            num_epochs=num_epochs, tokenizer=tokenizer)
   if len(comps) == 1:
     return _windows(comps[0], data_cfg, split, **kw)
   # Keyed by name: a checkpoint restores each source's position by name.
@@ -238,8 +247,15 @@ def make_dataset(config, split: str, *, local_batch_size: int, patch=None,
       raise ValueError(f"the local batch of {local_batch_size} rows does not split over "
                        f"this process's {len(shards)} data shards")
     total = d.shards or process_count
+    tok = None
+    if config.get("model_type") == "token_lm":
+      tok = config.tokenizer.path
+      if not tok:
+        raise ValueError("token_lm: tokenizer.path is not set (bltjax.train sets it to the "
+                         "tokenizer of bpe.ensure_tokenizer before reading data)")
     parts = [packed_windows(d, split, seed=config.seed, process_index=s, process_count=total,
-                            shuffle=split == "train", num_epochs=num_epochs, source=source)
+                            shuffle=split == "train", num_epochs=num_epochs, source=source,
+                            tokenizer=tok)
              .batch(local_batch_size // len(shards), drop_remainder=num_epochs is None)
              for s in shards]
     it = parts[0] if len(parts) == 1 else ConcatBatches(parts)
