@@ -121,15 +121,14 @@ class _CaptureStderr:
 
 
 def compile_report(config, topology: str, mfu: float, bytes_per_patch: float) -> dict:
-  import functools
   import jax
   from bltjax import batch as batch_lib
-  from bltjax import configs, flops, optim, sharding, step as step_lib
+  from bltjax import compile_steps, configs, flops, optim, sharding, step as step_lib
   from bltjax import train_state as ts
   devices, kind, hbm = topology_devices(topology)
-  configs.validate(config, len(devices))
+  cfg, _ = configs.validate(config, len(devices))  # the frozen model config
   mesh = sharding.make_mesh(config.mesh.shape, devices=devices)
-  model = ts.build_model(config)
+  model = ts.build_model(config, cfg)
   optimizer = optim.make_optimizer(config.optim, config.train.steps)
   abstract, state_sh = ts.abstract_state(config, model, optimizer, mesh)
   t = config.train
@@ -137,15 +136,12 @@ def compile_report(config, topology: str, mfu: float, bytes_per_patch: float) ->
   batch_sh = batch_lib.shardings(mesh, spec)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k])
            for k, v in spec.items()}
-  step = functools.partial(step_lib.train_step, loss_fn=step_lib.make_loss_fn(config, model),
-                           optimizer=optimizer, lr_fn=optim.lr_schedule(config.optim, t.steps),
-                           microbatches=t.microbatches, loss_spike_factor=t.loss_spike_factor,
-                           loss_spike_window=t.loss_spike_window)
   report = dict(topology=topology, devices=len(devices), mesh=dict(mesh.shape), hbm=hbm)
   with sharding.mesh_context(mesh), _CaptureStderr() as log:
-    lowered = jax.jit(step, in_shardings=(state_sh, batch_sh),
-                      out_shardings=(state_sh, sharding.replicated(mesh)),
-                      donate_argnums=0).lower(abstract, batch)
+    lowered, _ = compile_steps.lower_steps(
+        abstract, batch, loss_fn=step_lib.make_loss_fn(config, model), optimizer=optimizer,
+        shardings=compile_steps.StepShardings(mesh, state_sh, batch_sh),
+        **compile_steps.train_options(config))
     try:
       compiled = lowered.compile()
       report["error"] = None
@@ -170,7 +166,6 @@ def compile_report(config, topology: str, mfu: float, bytes_per_patch: float) ->
                           pr["temporaries"])
   report["params_sharded"] = sharded_fraction(abstract.params)
   report["state_sharded"] = sharded_fraction((abstract.params, abstract.opt_state))
-  cfg = configs.model_config(config)
   bytes_per_step = t.batch_size * config.data.seq_len
   fpb = (flops.blt_flops_per_byte(cfg, config.data.seq_len, bytes_per_patch)["total"]
          if config.model_type == "blt" else flops.lm_flops_per_byte(cfg, config.data.seq_len))

@@ -1,8 +1,8 @@
 """`BLT`: the user-facing handle around a BLT, its entropy model and its patching settings.
 
-    from bltjax import BLT
+    from bltjax import BLT, tokenizer
     blt = BLT.from_hf("path/to/blt-1b-hf")      # config.json + model.safetensors
-    tokens = bltjax.tokenizer.encode("Hello")[None]   # int [B, N]
+    tokens = tokenizer.encode("Hello", add_eos=False)[None]   # int [B, N]
     blt.entropies(tokens)      # [B, N] nats
     blt.patch_lengths(tokens)  # [B, P], rows sum to N + 1 (reference convention), zero padded
     blt.logits(tokens)         # [B, N, 260] float32
@@ -19,7 +19,7 @@ import numpy as np
 from etils import epath
 
 from bltjax import generate as generate_lib
-from bltjax import checkpoint, hf, hf_config, meta, patching, storage, tokenizer
+from bltjax import checkpoint, hf, hf_config, meta, patching, sharding, storage, tokenizer
 from bltjax.model.blt import ByteLatentTransformer
 from bltjax.model.config import (BLTConfig, EntropyModelConfig, PatchingConfig, RuntimeConfig,
                                  to_dict)
@@ -29,7 +29,7 @@ from bltjax.model.entropy_model import EntropyModel, entropies_from_logits
 def param_shapes(module: nn.Module, *example_args) -> dict:
   """{param path: shape} of `module`, from abstract evaluation (nothing is allocated)."""
   abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), *example_args))
-  flat = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(abstract["params"]))[0]
+  flat = jax.tree_util.tree_flatten_with_path(sharding.unbox(abstract["params"]))[0]
   return {tuple(k.key for k in path): leaf.shape for path, leaf in flat}
 
 
@@ -204,7 +204,7 @@ class BLT:
                                max_patch_length=pc.max_patch_length)
     return patching.lengths_from_start_mask(mask)
 
-  # -- the BLT --------------------------------------------------------------------------------------
+  # -- the BLT -------------------------------------------------------------------------------------
 
   @functools.cached_property
   def _logits_fn(self):

@@ -1,8 +1,8 @@
 """What a batch holds: the one definition of its keys, shapes, dtypes and shardings.
 
 The input pipeline yields host numpy dicts (one process's rows); `to_global` turns the keys the
-devices read into sharded global arrays. Keys (B rows, N = data.seq_len bytes, P =
-patching.max_patches, T = hash tables):
+devices read into sharded global arrays. Keys (shape letters as in `bltjax.model`: B rows,
+N = data.seq_len bytes, P = patching.max_patches, T = hash tables):
 
   tokens         int32 [B, N]    input ids (BOS/EOS mark documents in a packed row)
   targets        int32 [B, N]    the next ids
@@ -16,9 +16,9 @@ patching.max_patches, T = hash tables):
   entropies      f32   [B, N]    rows read from preprocessed entropies: what the patching reads
                                  instead of running the entropy model (not a step input)
 
-Host-only statistics (never sent to the devices): doc_flag_counts int32 [B, F] (documents
-flagged per row, column i named `FLAG_NAMES[i]`: the table in `bltjax.data.flags`) and
-patch_overflow int32 [B] (host patching).
+Host-only statistics (never sent to the devices): doc_flag_counts int32 [B, len(FLAG_NAMES)]
+(documents flagged per row, column i named `FLAG_NAMES[i]`: the table in `bltjax.data.flags`)
+and patch_overflow int32 [B] (host patching).
 """
 
 import jax
@@ -29,9 +29,6 @@ from bltjax import configs, sharding
 from bltjax.data import flags
 
 FLAG_NAMES = flags.NAMES  # metric names of the doc_flag_counts columns
-# Keys a device may read; everything else in a local batch stays on the host.
-DEVICE_KEYS = ("tokens", "targets", "mask", "target_bytes", "patch_lengths", "hash_ids",
-               "entropies")
 
 
 def device_patching(config) -> bool:

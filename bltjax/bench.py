@@ -14,7 +14,6 @@ These machines are noisy: each figure is a median over several timed steps, and 
 between measurements interleaved in the same run.
 """
 
-import functools
 import os
 import time
 
@@ -32,7 +31,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from bltjax import hf_config, patching, step as step_lib, tokenizer  # noqa: E402
+from bltjax import compile_steps, hf_config, patching, sharding, tokenizer  # noqa: E402
+from bltjax import step as step_lib  # noqa: E402
 from bltjax import train_state as ts  # noqa: E402
 from bltjax.data import sources  # noqa: E402
 from bltjax.model.blt import ByteLatentTransformer  # noqa: E402
@@ -91,23 +91,23 @@ class JaxStep:
 
   def __init__(self, cfg: BLTConfig, tokens, targets, lengths):
     model = ByteLatentTransformer(cfg)
-    params = jax.jit(lambda r: model.init(r, tokens, lengths))(jax.random.key(0))["params"]
-    params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
-                          is_leaf=lambda x: hasattr(x, "unbox"))
+    params = sharding.unbox(
+        jax.jit(lambda r: model.init(r, tokens, lengths))(jax.random.key(0))["params"])
     self.params = ts.param_count(params)
     opt = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.1)
 
     def loss_fn(p, b):
       return step_lib.loss_sums(model.apply({"params": p}, b["tokens"], b["patch_lengths"]),
                                 b["targets"], b["mask"])
-    self.fn = jax.jit(functools.partial(step_lib.train_step, loss_fn=loss_fn, optimizer=opt,
-                                        lr_fn=lambda s: 1e-4, microbatches=1), donate_argnums=0)
     self.state = ts.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                opt_state=opt.init(params), guard=ts.new_guard())
     self.batch = dict(tokens=jnp.asarray(tokens), targets=jnp.asarray(targets),
                       mask=jnp.ones(tokens.shape, jnp.float32),
                       patch_lengths=jnp.asarray(lengths))
-    self()  # compile
+    lowered, _ = compile_steps.lower_steps(self.state, self.batch, loss_fn=loss_fn, optimizer=opt,
+                                           lr_fn=lambda s: 1e-4, microbatches=1)
+    self.fn = lowered.compile()
+    self()  # warm-up
 
   def __call__(self):
     self.state, m = self.fn(self.state, self.batch)
@@ -234,10 +234,9 @@ def _debug_model():
   model = BLTConfig.from_dict(dict(cfg.model.to_dict(), runtime=runtime))
   ent = EntropyModelConfig.from_dict(dict(cfg.entropy_model.model.to_dict(), runtime=runtime))
   tokens, _, _ = real_batch(2, 256)
-  unbox = lambda t: jax.tree.map(lambda x: x.unbox(), t, is_leaf=lambda x: hasattr(x, "unbox"))  # noqa
-  params = unbox(jax.jit(ByteLatentTransformer(model).init)(
+  params = sharding.unbox(jax.jit(ByteLatentTransformer(model).init)(
       jax.random.key(0), tokens, np.ones((2, 257), np.int32))["params"])
-  eparams = unbox(jax.jit(EntropyModel(ent).init)(jax.random.key(1), tokens)["params"])
+  eparams = sharding.unbox(jax.jit(EntropyModel(ent).init)(jax.random.key(1), tokens)["params"])
   byte = PatchingConfig("byte", None, None, False, None, None)
   threshold = float(np.quantile(BLT(model, params, patching_cfg=byte, entropy_cfg=ent,
                                     entropy_params=eparams).entropies(tokens), 1 - 1 / 3))
@@ -314,8 +313,7 @@ def _pipeline_worker():
                                            runtime=RuntimeConfig.for_inference("float32")))
   tokens, _, _ = real_batch(2, _ROW_BYTES.value)
   model = EntropyModel(ecfg)
-  params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
-  params = jax.tree.map(lambda x: x.unbox(), params, is_leaf=lambda x: hasattr(x, "unbox"))
+  params = sharding.unbox(jax.jit(model.init)(jax.random.key(0), tokens)["params"])
   pc = PatchingConfig("entropy", 1.335442066192627, None, False, None, None)
   ent = patcher.entropies_fn(model)
   fn = jax.jit(lambda t: patching.cut_rows(t, ent(params, t), pc, max(2, _ROW_BYTES.value // 3)))

@@ -33,7 +33,7 @@ from etils import epath
 import numpy as np
 
 from bltjax import storage, tokenizer
-from bltjax.data import mixture, sources
+from bltjax.data import documents, mixture
 
 FILE_NAME = "tokenizer.json"  # in the workdir, when tokenizer.path is None
 SPECIALS = ("<|pad 0|>", "<|bos 1|>", "<|eos 2|>", "<|unused 3|>")  # ids 0..3
@@ -220,7 +220,7 @@ def mean_bytes_per_token(config, path: str, max_bytes: int) -> float:
   return n_bytes / n_tokens
 
 
-class DocumentToBPE(sources.DocumentToTokens):
+class DocumentToBPE(documents.DocumentToTokens):
   """Document -> {"tokens": BOS + BPE ids + EOS, "doc_flags" (as `DocumentToTokens`),
   "token_bytes": int32 bytes per token (BOS 0, EOS 1)}. Holds the tokenizer's path and loads it
   on first use, in whichever (grain worker) process maps."""

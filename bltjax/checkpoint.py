@@ -4,11 +4,12 @@ Layout: `WORKDIR/checkpoints/<step>/{state, data, config, meta}`. Saves are asyn
 take an abstract target that carries the *current* mesh's shardings, so a run saved on 8 devices
 restores on 4 (or 1). Every path may be local or gs:// (Orbax writes through epath and tensorstore).
 
-Integrity: a resumed run reads the newest checkpoint that reads back (`restore_latest`); newer ones
-that cannot be read (truncated or missing files) are moved aside to `<step>.corrupt`, never
-deleted, and Orbax's step listing ignores them. A checkpoint that reads but does not fit the
-model (the config changed) is an error, not a fallback. Read-only uses (`load_params`, ...) do not
-fall back: they raise `CheckpointError` naming the checkpoint and the older steps there.
+Integrity (bltjax/checkpoint_repair.py): a resumed run reads the newest checkpoint that reads
+back (`restore_latest`); newer ones that cannot be read (truncated or missing files) are moved
+aside to `<step>.corrupt`, never deleted, and Orbax's step listing ignores them. A checkpoint that
+reads but does not fit the model (the config changed) is an error, not a fallback. Read-only uses
+(`load_params`, ...) do not fall back: they raise `CheckpointError` naming the checkpoint and the
+older steps there.
 """
 
 import contextlib
@@ -25,8 +26,6 @@ from etils import epath
 
 from bltjax import checkpoint_repair as repair
 from bltjax import errors, storage
-
-_OK, _UNREADABLE, _FATAL = 0, 1, 2  # per-process outcome of one try; processes take the max
 
 
 class Restored(NamedTuple):
@@ -100,14 +99,16 @@ class Checkpointer:
     or shapes: the config changed), and a storage error (unreachable, permission denied), both
     before anything is moved. Every process calls this; they agree on each step.
     """
-    return self._newest_readable(lambda step: self._read(step, abstract_state, data_iter),
-                                 "restore")
+    return repair.newest_readable(self.manager, self.directory,
+                                  lambda step: self._read(step, abstract_state, data_iter),
+                                  "restore")
 
   def latest_metadata(self) -> tuple[int, dict, dict] | None:
     """(step, config, meta) of the newest checkpoint whose JSON items (and state metadata) read
     back, with the fallback of `restore_latest`; None when there is no checkpoint. Cheap: no
     arrays are read, so `restore_latest` may still fall back further (compare its step)."""
-    return self._newest_readable(self._read_json, "read the metadata of")
+    return repair.newest_readable(self.manager, self.directory, self._read_json,
+                                  "read the metadata of")
 
   def _read(self, step: int, abstract_state, data_iter) -> Restored:
     self._check_fits(step, abstract_state)
@@ -140,64 +141,6 @@ class Checkpointer:
           "saved with (WORKDIR/config.json), or train the new config in another workdir (with "
           "init_from= to start from these params where they fit); nothing was moved")
 
-  def _newest_readable(self, read, what: str):
-    """`read(step)` on the newest step that reads; see restore_latest."""
-    failed = []  # (step, why), newest first
-    for step in sorted(self.manager.all_steps(), reverse=True):
-      result = error = None
-      try:
-        result, code = read(step), _OK
-      except errors.CheckpointError as e:
-        error, code = e, _FATAL
-      except Exception as e:  # noqa: BLE001 (any reader error: sorted out below)
-        error, code = repair.let_go(e), _FATAL if repair.not_damage(e) else _UNREADABLE
-      code = _agree(code)
-      if code == _OK:
-        self._set_aside([s for s, _ in failed])
-        return result
-      if code == _FATAL:
-        if isinstance(error, errors.CheckpointError):
-          raise error
-        why = repair.describe(error) if error else "failed on another process (see its log)"
-        raise errors.CheckpointError(
-            f"{self._step_dir(step)}: cannot {what} the checkpoint: {why}. That blames the "
-            "storage or the machine, not the checkpoint: nothing was moved; fix it and re-run") \
-            from error
-      why = repair.describe(error) if error else "unreadable on another process (see its log)"
-      logging.warning("Checkpoint %s cannot be read (%s); trying the previous one",
-                      self._step_dir(step), why)
-      failed.append((step, why))
-    if not failed:
-      return None
-    tried = "; ".join(f"step {s}: {why}" for s, why in failed)
-    raise errors.CheckpointError(
-        f"{self.directory}: no checkpoint could be read ({tried}). Nothing was moved. If the "
-        "storage is fine, the files are damaged: restore them from a copy, or move the step "
-        "directories away (e.g. to <step>.corrupt) to train from scratch")
-
-  def _set_aside(self, steps: list[int]):
-    """Renames each step directory to `<step>.corrupt` (`.corrupt.1`, ... if taken) on process 0;
-    every process then waits for the renames and reloads the manager's step list."""
-    if not steps:
-      return
-    if jax.process_index() == 0:
-      for step in steps:
-        src = epath.Path(self._step_dir(step))
-        dest, n = src.parent / f"{step}.corrupt", 0
-        while dest.exists():
-          n += 1
-          dest = src.parent / f"{step}.corrupt.{n}"
-        try:
-          repair.move_dir(src, dest)
-          logging.warning("Moved the unreadable checkpoint %s aside to %s", src, dest)
-        except Exception as e:  # noqa: BLE001 (resuming from the older step is still right)
-          logging.error("Could not move the unreadable checkpoint %s aside to %s: %s", src, dest,
-                        repair.describe(e))
-    if _multiprocess():
-      from jax.experimental import multihost_utils  # noqa: PLC0415
-      multihost_utils.sync_global_devices("bltjax: unreadable checkpoints moved aside")
-    self.manager.reload()
-
   def _step_dir(self, step: int) -> str:
     return storage.join(self.directory, str(step))
 
@@ -212,18 +155,6 @@ class Checkpointer:
 def _handlers():
   return dict(state=ocp.StandardCheckpointHandler(), data=grain.checkpoint.CheckpointHandler(),
               config=ocp.JsonCheckpointHandler(), meta=ocp.JsonCheckpointHandler())
-
-
-def _multiprocess() -> bool:
-  return jax.process_count() > 1
-
-
-def _agree(code: int) -> int:
-  """The worst outcome over all processes (single process: no collective)."""
-  if not _multiprocess():
-    return code
-  from jax.experimental import multihost_utils  # noqa: PLC0415
-  return int(np.max(multihost_utils.process_allgather(np.int32(code))))
 
 
 def _json_items(restored, names=("config", "meta")) -> tuple[dict, ...]:

@@ -37,14 +37,14 @@ from bltjax.sampling import (Sampling, cut_at_stop, ends_with_stop, mark_seen,  
 
 @flax.struct.dataclass
 class DecodeState:
-  tokens: jax.Array        # [B, T] prompt + generated ids
+  tokens: jax.Array        # [B, N] prompt + generated ids
   prompt_len: jax.Array    # [B]
   t: jax.Array             # position of the byte the next step reads
   ent_cache: dict          # entropy model KV caches (ring over its window)
   enc_cache: dict          # local encoder KV caches (ring over its window)
   dec_cache: dict          # local decoder KV caches (ring over its window)
   lat_cache: dict          # latent KV caches, one slot per patch
-  enc_states: jax.Array    # [L', B, T, D] encoder byte states the patch pooling reads
+  enc_states: jax.Array    # [L, B, N, D] encoder byte states the patch pooling reads
   prev_entropy: jax.Array  # [B] H[t-1] (monotonic modes)
   prev_space: jax.Array    # [B] byte t-1 was space-like (space mode)
   base_start: jax.Array    # [B] last start before max_patch_length splits
@@ -57,8 +57,8 @@ class DecodeState:
   done: jax.Array          # [B] generated EOS (with stop_at_eos) or a stop sequence
   rng: jax.Array
   seen: jax.Array          # [B, V] byte ids at positions <= t (repetition penalty)
-  stops: jax.Array         # [S, L] stop sequences' ids, right-aligned (`sampling.stop_arrays`)
-  stop_len: jax.Array      # [S]
+  stops: jax.Array         # [Y, J] stop sequences' ids, right-aligned (`sampling.stop_arrays`)
+  stop_len: jax.Array      # [Y]
 
 
 def next_starts(pc: PatchingConfig, p, x_t, h_t, prev_h, space_t, prev_space, base_start):
@@ -102,16 +102,17 @@ class Generator:
     self.cfg, self.entropy_cfg, self.pc = cfg, entropy_cfg, pc
     self.model = ByteLatentTransformer(cfg)
     self.entropy_model = EntropyModel(entropy_cfg) if entropy_cfg is not None else None
-    self.hash_window = max(cfg.hash_group_sizes) if cfg.num_hash_tables else 1
+    # R: the bytes the embedding of one new byte reads (its longest hash n-gram).
+    self.ngram_context_len = max(cfg.hash_group_sizes) if cfg.num_hash_tables else 1
 
   # -- state ------------------------------------------------------------------------------------
 
-  def init_state(self, tokens_BxT, prompt_len_B, seed: int, stops=None) -> DecodeState:
-    """`stops`: (ids [S, L], lengths [S]) from `sampling.stop_arrays`, or None."""
+  def init_state(self, tokens_BxN, prompt_len_B, seed: int, stops=None) -> DecodeState:
+    """`stops`: (ids [Y, J], lengths [Y]) from `sampling.stop_arrays`, or None."""
     c = self.cfg
-    b, t = tokens_BxT.shape
+    b, n = tokens_BxN.shape
     dt = jnp.dtype(c.runtime.dtype)
-    ring = lambda tc: tc.attn_window or t  # noqa: E731
+    ring = lambda tc: tc.attn_window or n  # noqa: E731  (cache slots C: the window)
     n_states = c.encoder.n_layers if c.cross_attn_all_layers_encoder else 1
     if self.entropy_model is not None:
       et = self.entropy_cfg.transformer
@@ -121,19 +122,19 @@ class Generator:
     stop_ids, stop_len = stops if stops is not None else (np.zeros((0, 1)), np.zeros((0,)))
     zeros = lambda: jnp.zeros((b,), jnp.int32)  # noqa: E731  (distinct buffers: state is donated)
     return DecodeState(
-        tokens=jnp.asarray(tokens_BxT, jnp.int32), prompt_len=jnp.asarray(prompt_len_B, jnp.int32),
+        tokens=jnp.asarray(tokens_BxN, jnp.int32), prompt_len=jnp.asarray(prompt_len_B, jnp.int32),
         t=jnp.zeros((), jnp.int32), ent_cache=ent_cache,
         enc_cache=empty_stack_cache(c.encoder, c.runtime, b, ring(c.encoder)),
         dec_cache=empty_stack_cache(c.decoder, c.runtime, b, ring(c.decoder)),
-        lat_cache=empty_stack_cache(c.latent, c.runtime, b, t),
-        enc_states=jnp.zeros((n_states, b, t, c.encoder.dim), dt),
+        lat_cache=empty_stack_cache(c.latent, c.runtime, b, n),
+        enc_states=jnp.zeros((n_states, b, n, c.encoder.dim), dt),
         prev_entropy=jnp.zeros((b,), jnp.float32), prev_space=jnp.zeros((b,), bool),
         base_start=zeros(), patch_start=zeros(), num_patches=zeros(),
         open_has_eos=jnp.zeros((b,), bool), patch_doc=zeros(), byte_doc=zeros(),
         pe=jnp.zeros((b, 1, c.cross_attn_k, c.decoder.dim), dt),
         done=jnp.zeros((b,), bool), rng=jax.random.key(seed),
         seen=mark_seen(jnp.zeros((b, c.vocab_size), bool),
-                       jnp.asarray(tokens_BxT[:, 0], jnp.int32)),
+                       jnp.asarray(tokens_BxN[:, 0], jnp.int32)),
         stops=jnp.asarray(stop_ids, jnp.int32), stop_len=jnp.asarray(stop_len, jnp.int32))
 
   # -- one cached step ----------------------------------------------------------------------------
@@ -154,9 +155,9 @@ class Generator:
           method=EntropyModel.step)
       h_t = entropies_from_logits(logits_e)
 
-    padded = jnp.pad(s.tokens, ((0, 0), (self.hash_window, 0)))
-    window = jax.lax.dynamic_slice_in_dim(padded, t + 1, self.hash_window, axis=1)
-    h_enc, states, enc_cache = blt(window, pos, s.byte_doc, s.enc_cache,
+    padded = jnp.pad(s.tokens, ((0, 0), (self.ngram_context_len, 0)))
+    ngram_context_BxR = jax.lax.dynamic_slice_in_dim(padded, t + 1, self.ngram_context_len, axis=1)
+    h_enc, states, enc_cache = blt(ngram_context_BxR, pos, s.byte_doc, s.enc_cache,
                                    method=ByteLatentTransformer.encode_byte)
     enc_states = jax.lax.dynamic_update_slice_in_dim(s.enc_states, states, t, axis=2)
 
@@ -218,7 +219,7 @@ class Generator:
     if self.entropy_model is not None:
       entropies = entropies_from_logits(self.entropy_model.apply({"params": entropy_params},
                                                                  s.tokens))
-    mask = patching.row_start_mask(s.tokens, entropies, self.pc)  # [B, T + 1]
+    mask = patching.row_start_mask(s.tokens, entropies, self.pc)  # [B, N + 1]
     mask = mask | (jnp.arange(total + 1)[None, :] > t + 1)
     lengths, _ = patching.lengths_from_start_mask_fixed(mask, total + 1)
     logits = self.model.apply({"params": params}, s.tokens, lengths)
@@ -228,7 +229,7 @@ class Generator:
 
 
 def prepare_prompts(prompts, max_new_bytes: int, max_context: int, *, log=print):
-  """Prompts (str or bytes) -> (tokens [B, T] with BOS, prompt lengths [B]).
+  """Prompts (str or bytes) -> (tokens [B, N] with BOS, prompt lengths [B]).
 
   An empty prompt generates from BOS. A prompt that does not leave room for `max_new_bytes`
   within `max_context` bytes is truncated from the left (its BOS is lost, as in the reference),

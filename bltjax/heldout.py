@@ -1,5 +1,6 @@
 """Held-out evaluation during training: bits per byte over fixed batches of the eval split and
-of each named eval set (`train.eval_sets`).
+of each named eval set (`train.eval_sets`), reported at every `train.eval_every` steps
+(`Evaluator.report`, with the entropy figure of bltjax.plot).
 
     train.eval_sets = dict(
         wiki=dict(source="jsonl", paths=("/data/wiki/*.jsonl",), text_field="text"),
@@ -13,6 +14,7 @@ eval/<name>/loss (nats per target byte) next to eval_bpb/eval_loss of the eval s
 """
 
 import copy
+import logging
 import math
 
 import jax
@@ -62,15 +64,28 @@ def _first(ds, n: int) -> list:
   return [next(it) for _ in range(n)]
 
 
+def stage_evaluator(config, eval_fn, patching, patch, local_batch: int, feed) -> "Evaluator":
+  """The Evaluator of a training stage (bltjax.train): `eval_fn` is the compiled eval step
+  (bltjax.compile_steps; None without train.eval_batches), `patching` the stage's
+  patcher.Patching or None, `patch` its host transform. With an entropy model and
+  train.entropy_figure, its reports also draw the entropy figure."""
+  figure = None
+  if patching is not None and patching.entropy is not None and config.train.entropy_figure:
+    from bltjax import plot  # matplotlib: only where the figure is drawn
+    figure = plot.TrainingFigure.create(patching)
+  return Evaluator(config, eval_fn, patch, local_batch, feed, figure=figure)
+
+
 class Evaluator:
   """Held-out bits per byte over the first `train.eval_batches` batches of the eval split (with a
   data mixture, also per named source: `eval_bpb/<name>`) and of each eval set
-  (`eval/<name>/bpb`)."""
+  (`eval/<name>/bpb`). `feed` turns a local host batch into (global batch, stats)."""
 
-  def __init__(self, config, eval_fn, patch, local_batch, feed):
+  def __init__(self, config, eval_fn, patch, local_batch, feed, figure=None):
     self.config, self.eval_fn, self.feed = config, eval_fn, feed
     self._split = self._sets = None  # name -> local batches, once loaded
     self._patch, self._local_batch = patch, local_batch
+    self.figure = figure  # a bltjax.plot.TrainingFigure, or None
 
   def _dataset(self, config, split, source=None):
     return pipeline.make_dataset(config, split, local_batch_size=self._local_batch,
@@ -116,3 +131,14 @@ class Evaluator:
       out[f"eval/{name}/loss"] = ce / count
     return out
 
+  def report(self, step: int, params, writer, progress):
+    """Evaluates `params` at `step` and reports it: the metrics (metrics.MetricWriter), the
+    progress line and the log, then the entropy figure (never fails the run; only process 0
+    writes)."""
+    evals = self(params)
+    if evals:
+      writer.write(step, evals)
+      progress.update(step, evals)
+      logging.info("step %d: %s", step, {k: round(v, 4) for k, v in evals.items()})
+    if self.figure is not None:
+      self.figure.log(writer, step, self)

@@ -30,9 +30,8 @@ from bltjax import storage
 class MetricWriter:
   """Appends one JSON object per logged step to WORKDIR/metrics.jsonl (and TensorBoard)."""
 
-  def __init__(self, workdir: str, *, prefix: str = "", flush_secs: float = 2.0):
+  def __init__(self, workdir: str, *, flush_secs: float = 2.0):
     self.enabled = jax.process_index() == 0
-    self.prefix = prefix
     self.remote = storage.is_remote(workdir)
     if not self.enabled:
       return
@@ -82,16 +81,16 @@ class MetricWriter:
     from PIL import Image  # comes with matplotlib; tensorboardX encodes images with it too
     image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))  # HWC uint8
     if not self.remote:
-      self._tb.add_image(self.prefix + tag, image, step, dataformats="HWC")
+      self._tb.add_image(tag, image, step, dataformats="HWC")
       return
     with self._lock:
-      self._tb.add_image(self.prefix + tag, image, step, dataformats="HWC")
+      self._tb.add_image(tag, image, step, dataformats="HWC")
       self._dirty = True
 
   def _add_scalars(self, record, step):
     for k, v in record.items():
       if k != "step" and isinstance(v, (int, float)):
-        self._tb.add_scalar(self.prefix + k, v, step)
+        self._tb.add_scalar(k, v, step)
 
   def flush(self):
     """Makes every record written so far durable (uploads now for gs:// workdirs)."""
@@ -230,18 +229,3 @@ class Progress:
   def close(self):
     self.bar.close()
 
-
-class Timer:
-  """Accumulates wall time of named sections between `reset`s (data wait vs. the whole step)."""
-
-  def __init__(self):
-    self.reset()
-
-  def reset(self):
-    self.start, self.sections = time.perf_counter(), {}
-
-  def add(self, name: str, seconds: float):
-    self.sections[name] = self.sections.get(name, 0.0) + seconds
-
-  def elapsed(self) -> float:
-    return time.perf_counter() - self.start

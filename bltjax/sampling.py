@@ -1,10 +1,11 @@
 """Choosing the next byte: repetition penalty, greedy / temperature / top-k / top-p sampling,
 and stop sequences (matched inside the jitted loop, cut and held back on the host).
 
-Stop sequences live in the decode state as a right-aligned padded id array `stops_SxL` with
-lengths `stop_len_S`. After byte p is written, row b has stopped iff for some s the last
-stop_len[s] ids of the row (positions p - stop_len[s] + 1 .. p) equal the stop sequence and all
-of them were generated (stop_len[s] <= p + 1 - prompt_len[b]): a fixed-shape [B, S, L] compare.
+Stop sequences live in the decode state as a right-aligned padded id array `stops_YxJ` (Y stop
+sequences padded to J ids) with lengths `stop_len_Y`. After byte p is written, row b has stopped
+iff for some s the last stop_len[s] ids of the row (positions p - stop_len[s] + 1 .. p) equal the
+stop sequence and all of them were generated (stop_len[s] <= p + 1 - prompt_len[b]): a
+fixed-shape [B, Y, J] compare.
 """
 
 import flax
@@ -76,19 +77,19 @@ def sample(logits_BxV, rng, s: Sampling):
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def ends_with_stop(tokens_BxT, p, prompt_len_B, stops_SxL, stop_len_S):
+def ends_with_stop(tokens_BxN, p, prompt_len_B, stops_YxJ, stop_len_Y):
   """[B]: the generated ids of each row, up to and including position p, end with a stop
   sequence."""
-  num_s, lmax = stops_SxL.shape
-  if num_s == 0:
-    return jnp.zeros(tokens_BxT.shape[:1], bool)
-  # Positions p-L+1..p; those < 0 fall in a stop's padding whenever its length condition holds.
-  idx_L = jnp.maximum(p - lmax + 1 + jnp.arange(lmax), 0)
-  last_BxL = jnp.take(tokens_BxT, idx_L, axis=1)
-  pad_SxL = jnp.arange(lmax)[None, :] < lmax - stop_len_S[:, None]
-  same_BxS = jnp.all((last_BxL[:, None, :] == stops_SxL[None]) | pad_SxL[None], axis=-1)
+  num_stops, lmax = stops_YxJ.shape
+  if num_stops == 0:
+    return jnp.zeros(tokens_BxN.shape[:1], bool)
+  # Positions p-J+1..p; those < 0 fall in a stop's padding whenever its length condition holds.
+  idx_J = jnp.maximum(p - lmax + 1 + jnp.arange(lmax), 0)
+  last_BxJ = jnp.take(tokens_BxN, idx_J, axis=1)
+  pad_YxJ = jnp.arange(lmax)[None, :] < lmax - stop_len_Y[:, None]
+  same_BxY = jnp.all((last_BxJ[:, None, :] == stops_YxJ[None]) | pad_YxJ[None], axis=-1)
   n_generated_B = p + 1 - prompt_len_B
-  return jnp.any(same_BxS & (stop_len_S[None, :] <= n_generated_B[:, None]), axis=-1)
+  return jnp.any(same_BxY & (stop_len_Y[None, :] <= n_generated_B[:, None]), axis=-1)
 
 
 # -- host side ------------------------------------------------------------------------------------
@@ -113,14 +114,14 @@ def encode_stops(stop, max_len: int) -> list[np.ndarray]:
 
 
 def stop_arrays(stops: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-  """Right-aligned padded (ids [S, L], lengths [S]); S and L are rounded up (to a power of two,
+  """Right-aligned padded (ids [Y, J], lengths [Y]); Y and J are rounded up (to a power of two,
   a multiple of 8) so that similar stop lists share a compiled program."""
   if not stops:
     return np.zeros((0, 1), np.int32), np.zeros((0,), np.int32)
-  num_s = 1 << (len(stops) - 1).bit_length()
+  num_stops = 1 << (len(stops) - 1).bit_length()
   lmax = -(-max(len(s) for s in stops) // 8) * 8
-  ids = np.full((num_s, lmax), -1, np.int32)
-  lengths = np.full((num_s,), _NEVER, np.int32)
+  ids = np.full((num_stops, lmax), -1, np.int32)
+  lengths = np.full((num_stops,), _NEVER, np.int32)
   for i, s in enumerate(stops):
     ids[i, lmax - len(s):] = s
     lengths[i] = len(s)

@@ -70,9 +70,11 @@ def logical_to_shardings(abstract_boxed_tree, mesh, rules=RULES):
 
 
 def unbox(tree):
-  """Strips `nn.Partitioned` boxes without applying constraints (safe on ShapeDtypeStructs)."""
-  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata)
-                      else x, tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+  """Strips `nn.Partitioned` boxes without applying constraints (safe on ShapeDtypeStructs).
+  The one way bltjax unboxes params and train states."""
+  boxed = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if boxed(x) else x, tree,
+                      is_leaf=boxed)
 
 
 def batch_sharding(mesh, ndim: int) -> NamedSharding:

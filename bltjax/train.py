@@ -7,7 +7,6 @@ and resumes either stage from `WORKDIR[/entropy_model]/checkpoints` when re-run.
 
 import contextlib
 import copy
-import functools
 import json
 import logging
 import time
@@ -17,14 +16,13 @@ import jax
 import numpy as np
 
 from bltjax import batch as batch_lib
-from bltjax import bpe, checkpoint, configs, errors, flops, heldout, metrics, optim, patcher
-from bltjax import preemption
-from bltjax import sharding, storage, workdir_lock
+from bltjax import bpe, checkpoint, compile_steps, configs, errors, flops, heldout, metrics, optim
+from bltjax import feed as feed_lib
+from bltjax import patcher, preemption, sharding, storage, workdir_lock
 from bltjax import step as step_lib
 from bltjax import train_state as ts
-from bltjax.data import pipeline, preprocessed
+from bltjax.data import pipeline
 from bltjax.data.prefetch import ThreadPrefetcher
-from bltjax.model.config import EntropyModelConfig
 
 ENTROPY_STAGE_DIR = patcher.ENTROPY_STAGE_DIR
 
@@ -40,16 +38,16 @@ def run(config, workdir: str, *, stop_at_step: int | None = None, force_unlock: 
   e.g. the learning-rate schedule: re-running continues as if never interrupted.
   `force_unlock` takes over the workdir lock even when its holder looks alive.
   """
-  configs.validate(config, jax.device_count())
+  model_cfg, _ = configs.validate(config, jax.device_count())  # the stage-1 config's too
   pipeline.data_shards(config.data, jax.process_index(), jax.process_count())  # fails early
   check_paths(config, workdir)
   heldout.check_eval_sets(config)  # a missing eval set file fails now, naming the set
   # One run per workdir (process 0 holds WORKDIR/.lock; a dead holder's lock is taken over).
   with workdir_lock.hold(workdir, force=force_unlock, what="training run"):
-    return _run(config, workdir, stop_at_step)
+    return _run(config, model_cfg, workdir, stop_at_step)
 
 
-def _run(config, workdir, stop_at_step):
+def _run(config, model_cfg, workdir, stop_at_step):
   entropy_ckpt = None
   if config.model_type == "token_lm":  # the BPE baseline: its tokenizer first (bltjax.bpe)
     config = copy.deepcopy(config)
@@ -66,9 +64,10 @@ def _run(config, workdir, stop_at_step):
       stage = configs.entropy_stage_config(config)
       logging.info("patching.mode='entropy' and no patching.entropy_model_checkpoint: training "
                    "the entropy model first (stage 1) in %s", entropy_ckpt)
-      train_stage(stage, entropy_ckpt)
+      train_stage(stage, configs.model_config(stage), entropy_ckpt)
       logging.info("Stage 1 done: entropy model saved under %s", entropy_ckpt)
-  return train_stage(config, workdir, entropy_checkpoint=entropy_ckpt, stop_at_step=stop_at_step)
+  return train_stage(config, model_cfg, workdir, entropy_checkpoint=entropy_ckpt,
+                     stop_at_step=stop_at_step)
 
 
 def check_paths(config, workdir: str):
@@ -88,14 +87,17 @@ def check_paths(config, workdir: str):
 # -- one stage ------------------------------------------------------------------------------------
 
 
-def train_stage(config, workdir: str, *, entropy_checkpoint: str | None = None,
+def train_stage(config, model_cfg, workdir: str, *, entropy_checkpoint: str | None = None,
                 stop_at_step: int | None = None):
-  """Trains one model (BLT or entropy model) to `config.train.steps`, resuming if possible."""
-  configs.validate(config, jax.device_count())
+  """Trains one model (BLT or entropy model) to `config.train.steps`, resuming if possible.
+
+  `config` has been validated (`run`: configs.validate); `model_cfg` is its frozen model config
+  (configs.model_config), built once.
+  """
   t = config.train
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh.shape)
-  model = ts.build_model(config)
+  model = ts.build_model(config, model_cfg)
   optimizer = optim.make_optimizer(config.optim, t.steps)
   abstract, state_sh = ts.abstract_state(config, model, optimizer, mesh)
   with contextlib.ExitStack() as stack:  # closes the checkpointer and the input pipeline
@@ -108,25 +110,12 @@ def train_stage(config, workdir: str, *, entropy_checkpoint: str | None = None,
     if start is not None and start >= t.steps:
       logging.info("%s: already trained to step %d (train.steps=%d)", workdir, start, t.steps)
       return None
-    stored = None  # rows that come with their entropies (python -m bltjax.preprocess)
-    if config.model_type == "blt" and config.data.preprocessed_dir:
-      stored = preprocessed.read_manifest(config.data.preprocessed_dir)
-    patching = patcher.setup(config, entropy_checkpoint, resumed_meta, stored=stored)
-    meta = patching.meta if patching else {}
-    host_patch = patching.host_transform() if patching else None
-
+    # Patching (from the checkpoint's metadata when resuming), batch layouts, host -> devices.
+    inputs = feed_lib.setup(config, mesh, entropy_checkpoint, resumed_meta)
     local_batch = t.batch_size // jax.process_count()
-    step_spec = batch_lib.spec(config, t.batch_size)
-    batch_sh = batch_lib.shardings(mesh, step_spec)
-    # What the host sends: without patch_lengths when the devices cut them.
-    input_spec = batch_lib.input_spec(config, t.batch_size, with_entropies=stored is not None)
-    device_patcher = None
-    if batch_lib.device_patching(config):
-      device_patcher = patcher.DevicePatcher(patching, mesh, input_spec)
-    feed = _Feed(batch_lib.shardings(mesh, input_spec), device_patcher)
     # Started before compiling, so that worker start-up and the first batches overlap compilation.
     train_ds = pipeline.make_dataset(config, "train", local_batch_size=local_batch,
-                                     patch=host_patch)
+                                     patch=inputs.host_patch)
     train_it = ThreadPrefetcher(iter(train_ds), _host_stats, buffer_size=config.data.prefetch)
     # Whatever happens next (a restore error, a failed compile, an error in the loop), the
     # prefetch thread and the input workers stop with this stage.
@@ -152,54 +141,29 @@ def train_stage(config, workdir: str, *, entropy_checkpoint: str | None = None,
     logging.info("%s: %s with %.2fM parameters on mesh %s", workdir, config.model_type,
                  ts.param_count(state.params) / 1e6, dict(mesh.shape))
 
-    loss_fn = step_lib.make_loss_fn(config, model)
     # Both steps are compiled ahead of time inside the mesh context (where the logical sharding
     # constraints apply); the loop then runs outside it, so that host-side work such as patching
     # in the input pipeline stays on this process's own devices.
     with sharding.mesh_context(mesh):
       t0 = time.perf_counter()
-      train_fn = jax.jit(
-          functools.partial(step_lib.train_step, loss_fn=loss_fn, optimizer=optimizer,
-                            lr_fn=optim.lr_schedule(config.optim, t.steps),
-                            microbatches=t.microbatches, loss_spike_factor=t.loss_spike_factor,
-                            loss_spike_window=t.loss_spike_window),
-          in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
-          donate_argnums=0).lower(abstract, step_spec).compile()
-      logging.info("Compiled the train step in %.1fs", time.perf_counter() - t0)
-      eval_fn = None
-      if t.eval_batches:
-        eval_fn = jax.jit(functools.partial(step_lib.eval_step, loss_fn=loss_fn),
-                          in_shardings=(state_sh.params, batch_sh),
-                          out_shardings=sharding.replicated(mesh)).lower(
-                              abstract.params, step_spec).compile()
-    evaluator = heldout.Evaluator(config, eval_fn, host_patch, local_batch, feed)
-    loop = _Loop(config, workdir, ckpt, meta, state, train_it, train_fn, evaluator, feed)
-    if patching is not None and patching.entropy is not None and config.train.entropy_figure:
-      from bltjax import plot
-      loop.entropy_figure = plot.TrainingFigure.create(patching)
-    if device_patcher is not None and patching.entropy is not None:
-      # The entropy model's forward pass now runs on the same chips: MFU counts it (bltjax.flops).
-      loop.entropy_cfg = EntropyModelConfig.from_dict(patching.entropy.model)
+      train_lowered, eval_lowered = compile_steps.lower_steps(
+          abstract, inputs.step_spec, loss_fn=step_lib.make_loss_fn(config, model),
+          optimizer=optimizer,
+          shardings=compile_steps.StepShardings(mesh, state_sh, inputs.batch_shardings),
+          with_eval=bool(t.eval_batches), **compile_steps.train_options(config))
+      train_fn = train_lowered.compile()
+      eval_fn = None if eval_lowered is None else eval_lowered.compile()
+      logging.info("Compiled the %s in %.1fs", "train and eval steps" if eval_fn is not None else
+                   "train step", time.perf_counter() - t0)
+    evaluator = heldout.stage_evaluator(config, eval_fn, inputs.patching, inputs.host_patch,
+                                        local_batch, inputs.feed)
+    loop = _Loop(config, model_cfg, workdir, ckpt, inputs.meta, state, train_it, train_fn,
+                 evaluator, inputs.feed, entropy_cfg=inputs.entropy_cfg)
     end = t.steps if stop_at_step is None else min(stop_at_step, t.steps)
     state = loop.run(start, end)
     if loop.preempted:
       raise Preempted(f"{workdir}: preempted at step {int(state.step)} (checkpoint saved)")
     return state
-
-
-class _Feed:
-  """Local host batch -> the global batch the step reads: sharded arrays, then (accelerator
-  patching) patch_lengths cut on the devices. Patch statistics come back as device scalars,
-  fetched with the step's metrics one step late."""
-
-  def __init__(self, input_shardings, device_patcher):
-    self.input_shardings, self.device_patcher = input_shardings, device_patcher
-
-  def __call__(self, local) -> tuple[dict, dict]:
-    device = batch_lib.to_global(local, self.input_shardings)
-    if self.device_patcher is None:
-      return device, {}
-    return self.device_patcher(device)
 
 
 class _DataState:
@@ -221,20 +185,20 @@ class _Loop:
   its step is done), so asynchronous dispatch does not distort it; evaluation time is excluded.
   """
 
-  def __init__(self, config, workdir, ckpt, meta, state, train_it, train_fn, evaluator, feed):
+  def __init__(self, config, model_cfg, workdir, ckpt, meta, state, train_it, train_fn,
+               evaluator, feed, *, entropy_cfg=None):
     self.config, self.workdir, self.ckpt, self.meta = config, workdir, ckpt, meta
     self.state, self.train_it, self.train_fn = state, train_it, train_fn
     self.evaluator, self.feed = evaluator, feed
     desc = {"entropy_model": "entropy model", "token_lm": "token LM"}.get(config.model_type, "BLT")
-    self.model_cfg = configs.model_config(config)
+    self.model_cfg = model_cfg
     self.peak = flops.device_peak_flops(jax.devices()[0], self.model_cfg.runtime.dtype)
     self.writer = metrics.MetricWriter(workdir)
     self.progress = metrics.Progress(config.train.steps, 0, desc)
     self.window = self._new_window()
     self.t_done = time.perf_counter()
     self.preemption, self.preempted = preemption.PreemptionGuard(), False
-    self.entropy_cfg = None  # set when the entropy model runs on the accelerators
-    self.entropy_figure = None  # bltjax.plot.TrainingFigure: set with an entropy model
+    self.entropy_cfg = entropy_cfg  # the entropy model's, when it runs on the accelerators
     self.guard_seen = _guard_counts(jax.device_get(state.guard))  # skips before this run
     self.last_saved = None
     self.all_finite = jax.jit(step_lib.all_finite)
@@ -338,13 +302,7 @@ class _Loop:
     if pending is not None:
       self._log(*pending)
     t0 = time.perf_counter()
-    evals = self.evaluator(self.state.params)
-    if evals:
-      self.writer.write(step, evals)
-      self.progress.update(step, evals)
-      logging.info("step %d: %s", step, {k: round(v, 4) for k, v in evals.items()})
-    if self.entropy_figure is not None:  # never fails the run; only process 0 writes
-      self.entropy_figure.log(self.writer, step, self.evaluator)
+    self.evaluator.report(step, self.state.params, self.writer, self.progress)
     self.window["excluded"] += time.perf_counter() - t0
 
   def _next(self):

@@ -31,13 +31,16 @@ def new_guard() -> dict:
   """Counters of skipped updates, kept on the devices and checkpointed with the state:
   non-finite and loss-spike skips so far, the current run of consecutive skips, the last
   skipped step (1-based), and the running loss mean for spike detection."""
-  zero = jnp.zeros((), jnp.int32)
-  return dict(nonfinite_steps=zero, spike_steps=zero, skip_streak=zero, last_skipped_step=zero,
-              loss_ema=jnp.zeros((), jnp.float32), loss_ema_steps=zero)
+  def zero():  # one buffer each: the state is donated to the step, buffer by buffer
+    return jnp.zeros((), jnp.int32)
+  return dict(nonfinite_steps=zero(), spike_steps=zero(), skip_streak=zero(),
+              last_skipped_step=zero(), loss_ema=jnp.zeros((), jnp.float32),
+              loss_ema_steps=zero())
 
 
-def build_model(config) -> nn.Module:
-  cfg = configs.model_config(config)
+def build_model(config, model_cfg=None) -> nn.Module:
+  """The module of `config`; `model_cfg` is its configs.model_config where already built."""
+  cfg = configs.model_config(config) if model_cfg is None else model_cfg
   return ByteLatentTransformer(cfg) if config.model_type == "blt" else EntropyModel(cfg)
 
 
@@ -66,7 +69,7 @@ def init_state(config, model, optimizer, mesh, shardings, seed: int):
   """Initialises every array directly into its shards (jit with out_shardings)."""
   init = make_init_fn(config, model, optimizer)
   with sharding.mesh_context(mesh):
-    return jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=shardings)(
+    return jax.jit(lambda rng: sharding.unbox(init(rng)), out_shardings=shardings)(
         jax.random.key(seed))
 
 

@@ -4,8 +4,8 @@
         --config.data.paths="('/data/corpus/*.jsonl',)"
     python -m bltjax.main --config=experiments/1b.py:tiny      # same structure, smoke-run size
 
-Architecture from the released checkpoint (reference notes §7.4); optimizer from the paper (§4.8);
-rows of 16k bytes (the paper's BLT-1T runs average 16k-byte contexts).
+Architecture from the released checkpoint (docs/reference-notes.md §2); optimizer from the paper
+(§4.8); rows of 16k bytes (the paper's BLT-1T runs average 16k-byte contexts).
 """
 
 import os

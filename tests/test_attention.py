@@ -10,18 +10,18 @@ from tests.jaxprs import all_eqns
 
 
 def dense_reference(q, k, v, mask):
-  """Plain numpy softmax attention with a [B, Q, S] mask; all-masked rows give 0."""
+  """Plain numpy softmax attention with a [B, Q, M] mask; all-masked rows give 0."""
   q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
   rep = q.shape[2] // k.shape[2]
   k, v = np.repeat(k, rep, axis=2), np.repeat(v, rep, axis=2)
-  s = np.einsum("bqhd,bshd->bhqs", q, k) / np.sqrt(q.shape[-1])
+  s = np.einsum("bqhe,bmhe->bhqm", q, k) / np.sqrt(q.shape[-1])
   m = np.asarray(mask)[:, None]
   s = np.where(m, s, -np.inf)
   mx = np.max(s, axis=-1, keepdims=True)
   mx = np.where(np.isfinite(mx), mx, 0)
   p = np.where(m, np.exp(s - mx), 0)
   p = p / np.maximum(p.sum(-1, keepdims=True), 1e-300)
-  return np.einsum("bhqs,bshd->bqhd", p, v)
+  return np.einsum("bhqm,bmhe->bqhe", p, v)
 
 
 def random_segments(rng, b, n, num_docs):
@@ -43,10 +43,10 @@ def random_segments(rng, b, n, num_docs):
 ])
 def test_local_attention_equals_dense_mask(n, window, heads, kv_heads, docs, chunk):
   rng = np.random.default_rng(n)
-  b, d = 2, 8
-  q = rng.normal(size=(b, n, heads, d)).astype(np.float32)
-  k = rng.normal(size=(b, n, kv_heads, d)).astype(np.float32)
-  v = rng.normal(size=(b, n, kv_heads, d)).astype(np.float32)
+  b, e = 2, 8
+  q = rng.normal(size=(b, n, heads, e)).astype(np.float32)
+  k = rng.normal(size=(b, n, kv_heads, e)).astype(np.float32)
+  v = rng.normal(size=(b, n, kv_heads, e)).astype(np.float32)
   seg = random_segments(rng, b, n, docs)
   i, j = np.arange(n)[:, None], np.arange(n)[None, :]
   mask = (seg[:, :, None] == seg[:, None, :]) & (j <= i)
@@ -60,15 +60,15 @@ def test_local_attention_equals_dense_mask(n, window, heads, kv_heads, docs, chu
 @pytest.mark.parametrize("chunk", [None, 16])
 def test_local_attention_never_builds_a_dense_mask(chunk):
   """Blockwise, forward and backward: the largest intermediate is O(N·2w), not O(N^2)."""
-  b, n, h, d, w = 1, 4096, 1, 8, 64
-  q = jnp.zeros((b, n, h, d))
+  b, n, h, e, w = 1, 4096, 1, 8, 64
+  q = jnp.zeros((b, n, h, e))
   seg = jnp.zeros((b, n), jnp.int32)
 
   def loss(q):
     return attention.local_attention(q, q, q, seg, window=w, chunk=chunk).sum()
   for fn in (loss, jax.grad(loss)):
     eqns = list(all_eqns(jax.make_jaxpr(fn)(q).jaxpr))
-    biggest = max(np.prod(v.aval.shape) for e in eqns for v in e.outvars)
+    biggest = max(np.prod(v.aval.shape) for eqn in eqns for v in eqn.outvars)
     assert biggest <= b * n * 2 * w * h, biggest
 
 
@@ -83,11 +83,11 @@ def test_local_attention_gradients_equal_autodiff_of_dense(n, window, heads, kv_
   """The custom VJP (flash-style backward) equals autodiff through dense masked softmax, with the
   chunks batched or computed one at a time."""
   rng = np.random.default_rng(n + 1)
-  b, d = 2, 8
-  q = jnp.asarray(rng.normal(size=(b, n, heads, d)), jnp.float32)
-  k = jnp.asarray(rng.normal(size=(b, n, kv_heads, d)), jnp.float32)
-  v = jnp.asarray(rng.normal(size=(b, n, kv_heads, d)), jnp.float32)
-  cot = jnp.asarray(rng.normal(size=(b, n, heads, d)), jnp.float32)
+  b, e = 2, 8
+  q = jnp.asarray(rng.normal(size=(b, n, heads, e)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(b, n, kv_heads, e)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(b, n, kv_heads, e)), jnp.float32)
+  cot = jnp.asarray(rng.normal(size=(b, n, heads, e)), jnp.float32)
   seg = jnp.asarray(random_segments(rng, b, n, docs))
   pos = jnp.broadcast_to(jnp.arange(n), (b, n))
   mask = attention.causal_segment_mask(pos, pos, seg, seg, window)
@@ -108,30 +108,30 @@ def test_local_attention_gradients_equal_autodiff_of_dense(n, window, heads, kv_
 
 def test_patch_pooling_attention_equals_dense_mask():
   rng = np.random.default_rng(0)
-  b, n, p, k, h, d = 2, 30, 8, 3, 2, 4
+  b, n, p, k, h, e = 2, 30, 8, 3, 2, 4
   lengths = np.array([[1, 5, 3, 0 + 7, 4, 6, 5, 0], [1, 1, 2, 9, 9, 4, 4, 1]])  # empty patch 7
   ids = np.stack([np.repeat(np.arange(p), l)[:n] for l in lengths]).astype(np.int32)
-  q = rng.normal(size=(b, p, k, h, d)).astype(np.float32)
-  kk = rng.normal(size=(b, n, h, d)).astype(np.float32)
-  v = rng.normal(size=(b, n, h, d)).astype(np.float32)
+  q = rng.normal(size=(b, p, k, h, e)).astype(np.float32)
+  kk = rng.normal(size=(b, n, h, e)).astype(np.float32)
+  v = rng.normal(size=(b, n, h, e)).astype(np.float32)
   got = np.asarray(jax.jit(attention.patch_pooling_attention)(q, kk, v, ids))
   mask = ids[:, None, :] == np.arange(p)[None, :, None]           # [B, P, N]
   mask = np.repeat(mask, k, axis=1)                                 # sub-query p*k+j -> patch p
-  want = dense_reference(q.reshape(b, p * k, h, d), kk, v, mask).reshape(b, p, k, h, d)
+  want = dense_reference(q.reshape(b, p * k, h, e), kk, v, mask).reshape(b, p, k, h, e)
   np.testing.assert_allclose(got, want, atol=2e-5)
   assert not np.any(got[0, 7]), "an empty patch must get a zero output"
 
 
 def test_byte_to_patch_attention_equals_dense_mask():
   rng = np.random.default_rng(1)
-  b, n, p, k, h, d = 2, 20, 6, 4, 2, 4
+  b, n, p, k, h, e = 2, 20, 6, 4, 2, 4
   ids = np.sort(rng.integers(0, p, size=(b, n)), axis=1).astype(np.int32)
-  q = rng.normal(size=(b, n, h, d)).astype(np.float32)
-  kk = rng.normal(size=(b, p, k, h, d)).astype(np.float32)
-  v = rng.normal(size=(b, p, k, h, d)).astype(np.float32)
+  q = rng.normal(size=(b, n, h, e)).astype(np.float32)
+  kk = rng.normal(size=(b, p, k, h, e)).astype(np.float32)
+  v = rng.normal(size=(b, p, k, h, e)).astype(np.float32)
   got = np.asarray(jax.jit(attention.byte_to_patch_attention)(q, kk, v, ids))
   mask = np.repeat(ids[:, :, None] == np.arange(p)[None, None, :], k, axis=2)  # [B, N, P*k]
-  want = dense_reference(q, kk.reshape(b, p * k, h, d), v.reshape(b, p * k, h, d), mask)
+  want = dense_reference(q, kk.reshape(b, p * k, h, e), v.reshape(b, p * k, h, e), mask)
   np.testing.assert_allclose(got, want, atol=2e-5)
 
 

@@ -66,7 +66,7 @@ def parquet_corpus(root):
 
 def epoch(cfg):
   """One epoch of the train split: summed flag counts and the packed id stream."""
-  totals, stream = dict.fromkeys(batch_lib.FLAG_NAMES, 0), []
+  totals, stream = dict.fromkeys(flags.NAMES, 0), []
   ds = pipeline.make_dataset(cfg, "train", local_batch_size=2, num_workers=0, num_epochs=1)
   return ds, totals, stream
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bltjax import bench_compress, configs, tokenizer
-from bltjax.data import pipeline, sources
+from bltjax.data import documents, pipeline
 
 
 def _corpus(root):
@@ -100,7 +100,7 @@ def test_figures_match_an_independent_computation(tmp_path):
   assert cov["concatenated"]["xz -9e"] == pytest.approx(xz_cat, rel=1e-12)
   assert 0 < cov["per_document"]["zstd -19"] < 8 + 8 * 64 * len(docs) / nbytes
   # The whole eval split: every held-out file (by the hash of its path) once, whole.
-  held = [p.read_bytes() for p in tmp_path.glob("*.txt") if sources.held_out(str(p), 0.3)]
+  held = [p.read_bytes() for p in tmp_path.glob("*.txt") if documents.held_out(str(p), 0.3)]
   whole = res["eval_split"]
   assert (whole["documents"], whole["bytes"]) == (len(held), sum(map(len, held)))
   assert whole["per_document"]["xz -9e"] == pytest.approx(sum(

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bltjax import checkpoint, configs, errors, optim, sharding
+from bltjax import checkpoint, checkpoint_repair, configs, errors, optim, sharding
 from bltjax import train_state as ts
 from bltjax.data.prefetch import ThreadPrefetcher
 from tests.gcs import gcs  # noqa: F401 (the fixture)
@@ -219,8 +219,8 @@ def test_processes_agree_on_the_step(tmp_path, model, monkeypatch):
   step 2 aside and all synchronise (the collectives are faked: one process here)."""
   from jax.experimental import multihost_utils
   ckpts = save(tmp_path, model, [1, 2])
-  others, synced = iter([checkpoint._UNREADABLE, checkpoint._OK]), []
-  monkeypatch.setattr(checkpoint, "_multiprocess", lambda: True)
+  others, synced = iter([checkpoint_repair.UNREADABLE, checkpoint_repair.OK]), []
+  monkeypatch.setattr(checkpoint_repair, "multiprocess", lambda: True)
   monkeypatch.setattr(multihost_utils, "process_allgather",
                       lambda code: np.array([code, next(others)]))
   monkeypatch.setattr(multihost_utils, "sync_global_devices", synced.append)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from bltjax import batch as batch_lib, configs
-from bltjax.data import mixture, pipeline, sources
+from bltjax.data import documents, mixture, pipeline, sources
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def data_cfg(corpus, seq_len=64, **kw):
       source="text", paths=(str(corpus / "*.txt"),), text_field="text", seq_len=seq_len,
       eval_fraction=0.0, shards=0, num_workers=0, worker_buffer=2, prefetch=2, read_threads=1,
       read_buffer=4, host_hash_ids=False, preprocessed_dir=None, mixture=(),
-      shuffle_window=8, max_document_bytes=sources.MAX_DOCUMENT_BYTES) | kw)
+      shuffle_window=8, max_document_bytes=documents.MAX_DOCUMENT_BYTES) | kw)
 
 
 def window_tokens(example):
@@ -245,7 +245,7 @@ def test_arrayrecord_shards_read_their_files(tmp_path, monkeypatch):
   assert sorted(seen["train"] + seen["eval"]) == sorted(f"{f}:{i}" for f in range(5)
                                                         for i in range(8))
   held = sorted(t for t in seen["train"] + seen["eval"]
-                if sources.held_out(f"{t.split(':')[0]}.arrayrecord:{t.split(':')[1]}", 0.25))
+                if documents.held_out(f"{t.split(':')[0]}.arrayrecord:{t.split(':')[1]}", 0.25))
   assert sorted(seen["eval"]) == held
 
 

@@ -16,7 +16,7 @@ from bltjax import checkpoint, configs, heldout, metrics, patcher, sharding, ste
 from bltjax import tokenizer, train
 from bltjax import batch as batch_lib
 from bltjax import train_state as ts
-from bltjax.data import pipeline, sources
+from bltjax.data import documents, pipeline, sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEBUG = os.path.join(REPO, "experiments", "debug.py")
@@ -33,7 +33,7 @@ def corpus(tmp_path):
     (root / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(WORDS, 80)) + "\n")
   pattern = str(root / "*.txt")
   src = sources.TextFilesSource([pattern])
-  _, held = sources.split_indices(src, 0.25)  # what the eval split holds
+  _, held = documents.split_indices(src, 0.25)  # what the eval split holds
   other = tmp_path / "other.jsonl"
   docs = ["".join(rng.choice(list("0123456789+-=()"), 300)) for _ in range(6)]
   other.write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))

@@ -138,7 +138,7 @@ def opt_blt():
 
 
 def _buffer(blt, sampler, stop=()):
-  """(ids [B, T], prompt lengths, last position written) after generating OPT_NEW bytes: the
+  """(ids [B, N], prompt lengths, last position written) after generating OPT_NEW bytes: the
   buffer `generate_bytes` cuts its output from (same compiled loop)."""
   stops = sampling.encode_stops(stop, blt.max_context)
   tokens, lengths = generate.prepare_prompts(OPT_PROMPTS, OPT_NEW, blt.max_context)

@@ -1,10 +1,13 @@
 """Tests for bltjax.model.hashing: int64 semantics and 32-bit JAX parity."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
 
 from bltjax.model import hashing
+from tests import tiny
 
 _JIT_HASH = jax.jit(
     hashing.hash_ids, static_argnames=("group_sizes", "num_functions", "vocab")
@@ -16,7 +19,7 @@ def _wrap_int64(h: int) -> int:
 
 
 def _python_hash_ids(tokens, group_sizes, num_functions, vocab):
-  """Independent reference: Python ints, explicit windows, wrap once at the end.
+  """Independent reference: Python ints, explicit n-grams, wrap once at the end.
 
   Wrapping only the final sum is equivalent to wrapping every product and
   partial sum (including prime**j), since all of them are taken mod 2**64.
@@ -30,8 +33,8 @@ def _python_hash_ids(tokens, group_sizes, num_functions, vocab):
       for f in range(num_functions):
         prime = hashing.PRIMES[f % 11]
         for n in group_sizes:
-          window = [row[i] if i >= 0 else 0 for i in range(t - n + 1, t + 1)]
-          h = sum(w * prime**j for j, w in enumerate(window))
+          ngram = [row[i] if i >= 0 else 0 for i in range(t - n + 1, t + 1)]
+          h = sum(w * prime**j for j, w in enumerate(ngram))
           ids_t.append(_wrap_int64(h) % vocab)
       out_row.append(ids_t)
     out.append(out_row)
@@ -45,8 +48,8 @@ def _has_negative_wrapped_sums(tokens, group_sizes, num_functions):
       for f in range(num_functions):
         prime = hashing.PRIMES[f % 11]
         for n in group_sizes:
-          window = [row[i] if i >= 0 else 0 for i in range(t - n + 1, t + 1)]
-          if _wrap_int64(sum(w * prime**j for j, w in enumerate(window))) < 0:
+          ngram = [row[i] if i >= 0 else 0 for i in range(t - n + 1, t + 1)]
+          if _wrap_int64(sum(w * prime**j for j, w in enumerate(ngram))) < 0:
             return True
   return False
 
@@ -57,7 +60,7 @@ def test_hand_computed_small_example():
   ids = hashing.hash_ids_numpy(
       tokens, group_sizes=(2,), num_functions=1, vocab=101
   )
-  # n=2: windows [0, 1], [1, 80], [80, 105]; the oldest token gets p**0.
+  # n=2: n-grams [0, 1], [1, 80], [80, 105]; the oldest token gets p**0.
   # No wrap-around yet (all sums < 2**63).
   expected = [(0 + 1 * p) % 101, (1 + 80 * p) % 101, (80 + 105 * p) % 101]
   assert ids.shape == (1, 3, 1)
@@ -97,8 +100,8 @@ def test_prime_power_itself_wraps():
 def test_numpy_matches_python_reference_with_wraparound():
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, 260, size=(3, 40))
-  tokens[0, :12] = 259  # Large ids in long windows: wraps for sure.
-  tokens[1, :] = 0  # Pad-only windows.
+  tokens[0, :12] = 259  # Large ids in long n-grams: wraps for sure.
+  tokens[1, :] = 0  # Pad-only n-grams.
   tokens[2, 0] = 1  # BOS.
   group_sizes = (1, 3, 8)
   assert _has_negative_wrapped_sums(tokens, group_sizes, 3)
@@ -171,7 +174,7 @@ def test_jax_matches_numpy_all_primes_and_any_int32():
 
 def test_short_and_empty_rows():
   kw = dict(group_sizes=(3, 8), num_functions=1, vocab=500002)
-  tokens = np.array([[1, 77]], np.int32)  # N < n: windows are mostly padding.
+  tokens = np.array([[1, 77]], np.int32)  # N < n: n-grams are mostly padding.
   np.testing.assert_array_equal(
       np.asarray(hashing.hash_ids(tokens, **kw)),
       hashing.hash_ids_numpy(tokens, **kw),
@@ -229,6 +232,13 @@ def test_config_errors():
     hashing.hash_ids(np.zeros((1, 4), np.float32))
 
 
-def test_num_tables():
-  assert hashing.num_tables(hashing.DEFAULT_GROUP_SIZES, 1) == 6
-  assert hashing.num_tables((1, 2, 3), 2) == 6
+@pytest.mark.parametrize("group_sizes, num_functions", [(hashing.DEFAULT_GROUP_SIZES, 1),
+                                                         ((1, 2, 3), 2), ((3, 4), 3)])
+def test_one_table_per_function_and_ngram_size(group_sizes, num_functions):
+  """T = BLTConfig.num_hash_tables: the model's hash embedding has one table per id column."""
+  cfg = dataclasses.replace(tiny.blt_config(), hash_group_sizes=group_sizes,
+                            hash_functions=num_functions)
+  tokens = np.arange(10, dtype=np.int32).reshape(2, 5)
+  kw = dict(group_sizes=group_sizes, num_functions=num_functions, vocab=97)
+  assert hashing.hash_ids_numpy(tokens, **kw).shape == (2, 5, cfg.num_hash_tables)
+  assert _JIT_HASH(tokens, **kw).shape == (2, 5, cfg.num_hash_tables)

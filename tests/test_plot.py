@@ -221,7 +221,7 @@ def test_write_image(blt, tmp_path):
   # The gs:// branch: under its lock, marked for the next upload.
   from tensorboardX import SummaryWriter
   remote = metrics.MetricWriter.__new__(metrics.MetricWriter)
-  remote.enabled, remote.remote, remote.prefix, remote._dirty = True, True, "", False
+  remote.enabled, remote.remote, remote._dirty = True, True, False
   remote._lock, remote._tb = threading.Lock(), SummaryWriter(str(tmp_path / "remote"))
   remote.write_image(8, "patches/entropy", png)
   remote._tb.close()

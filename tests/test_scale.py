@@ -19,7 +19,7 @@ from bltjax.model.config import PatchingConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Parameter counts per component computed from the published dimensions (reference notes §4.13;
+# Parameter counts per component computed from the published dimensions (docs/reference-notes.md §3;
 # BLT-1B: D_E=D_D=1024, 1 encoder / 9 decoder layers, latent 2048 x 25, k=2; BLT-7B ("8B"):
 # 1280, 1 / 6 layers, latent 4096 x 32, k=4; six 500,002-row hash tables).
 EXPECTED = {

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bltjax.data import formats, pipeline, sources, streams
-from bltjax.data.sources import Document
+from bltjax.data import documents, formats, pipeline, streams
+from bltjax.data.documents import Document
 
 
 def data_cfg(pattern, source="jsonl", **kw):
@@ -20,7 +20,7 @@ def data_cfg(pattern, source="jsonl", **kw):
       source=source, paths=(pattern,), text_field="text", seq_len=32, eval_fraction=0.2,
       shards=0, num_workers=0, worker_buffer=2, prefetch=2, read_threads=1, read_buffer=4,
       host_hash_ids=False, preprocessed_dir=None, mixture=(), shuffle_window=4,
-      max_document_bytes=sources.MAX_DOCUMENT_BYTES) | kw)
+      max_document_bytes=documents.MAX_DOCUMENT_BYTES) | kw)
 
 
 @pytest.fixture(autouse=True)
@@ -111,7 +111,7 @@ def test_long_lines_are_read_boundedly(tmp_path):
            json.dumps({"text": "\\" * 40_000}), json.dumps({"text": "last"})]
   path = tmp_path / "long.jsonl"
   path.write_text("\n".join(lines))  # no final newline
-  fmt = formats.make("jsonl", "text", sources.ProblemLog("t"), max_bytes=101)
+  fmt = formats.make("jsonl", "text", documents.ProblemLog("t"), max_bytes=101)
   assert formats.line_limit(101) < 70_000 < len(lines[1])
   tracemalloc.start()
   items = list(fmt.read(str(path), formats.START))
@@ -165,7 +165,7 @@ def test_shards_read_their_files_and_every_document_once_per_epoch(tmp_path, kin
   assert sorted(seen) == sorted(texts)
   assert 0 < len(per_split["eval"]) < len(per_split["train"])
   # The split is the key hash, the same as for the random-access sources.
-  want_eval = sorted(t for t in texts if sources.held_out(_key_of(tmp_path, kind, t), 0.3))
+  want_eval = sorted(t for t in texts if documents.held_out(_key_of(tmp_path, kind, t), 0.3))
   assert sorted(per_split["eval"]) == want_eval
 
 

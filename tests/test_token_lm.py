@@ -16,8 +16,8 @@ import pytest
 
 from bltjax import bpe, configs, flops, metrics, step as step_lib, tokenizer, train
 from bltjax import train_state as ts
-from bltjax.data import pipeline, sources
-from bltjax.data.sources import Document
+from bltjax.data import documents, pipeline, sources
+from bltjax.data.documents import Document
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN_LM = os.path.join(REPO, "experiments", "token_lm.py")
@@ -63,7 +63,7 @@ def test_token_bytes_and_decoding_are_exact_for_any_bytes(tiny_tokenizer, data):
 
 def test_document_to_bpe_flags_and_pickles_lazily(tiny_tokenizer):
   to_bpe = bpe.DocumentToBPE(tiny_tokenizer)
-  ref = sources.DocumentToTokens().map(Document(TEXT, None))
+  ref = documents.DocumentToTokens().map(Document(TEXT, None))
   doc = to_bpe.map(Document(TEXT, None))
   assert doc["doc_flags"][0] == ref["doc_flags"][0] != 0  # invalid UTF-8 and NUL, flagged
   assert len(doc["tokens"]) < len(ref["tokens"])  # BPE merges
@@ -129,7 +129,7 @@ def _text_corpus(tmp_path, eval_word):
     with open(os.path.join(lib, names[i % len(names)]), "rb") as f:
       path.write_bytes(f.read()[i * 500:i * 500 + 2500])
   source = sources.build_source("text", [str(tmp_path / "*.txt")])
-  train_idx, eval_idx = sources.split_indices(source, 0.3)
+  train_idx, eval_idx = documents.split_indices(source, 0.3)
   assert len(eval_idx) and len(train_idx)
   for i in eval_idx:
     with open(source.key(int(i)), "wb") as f:

@@ -1,7 +1,7 @@
 """The one table of document flags: what the training metrics count about the input documents.
 
 Flag i is bit `1 << i` of a document's `doc_flags` (set at its first token by
-`sources.DocumentToTokens`), column i of a packed row's `doc_flag_counts` (`pipeline`, stored so
+`documents.DocumentToTokens`), column i of a packed row's `doc_flag_counts` (`pipeline`, stored so
 by `preprocessed`) and the metric `NAMES[i]` (`batch.host_stats`, metrics.jsonl). New flags go at
 the end: earlier columns keep their meaning.
 
@@ -30,7 +30,3 @@ def counts(doc_flags) -> np.ndarray:
   f = np.asarray(doc_flags)
   return np.array([np.count_nonzero(f & BIT[name]) for name in FLAGS], np.int32)
 
-
-def count_flags(doc_flags) -> dict[str, int]:
-  """`counts` by metric name."""
-  return dict(zip(NAMES, counts(doc_flags).tolist()))

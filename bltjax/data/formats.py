@@ -26,7 +26,7 @@ from etils import epath
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bltjax.data.sources import MAX_DOCUMENT_BYTES, Document, ProblemLog, to_bytes
+from bltjax.data.documents import MAX_DOCUMENT_BYTES, Document, ProblemLog, to_bytes
 
 START = (0, 0)
 BLANK = object()  # The raw record of a blank JSONL line.

@@ -23,7 +23,8 @@ import jax
 import numpy as np
 
 from bltjax import bpe
-from bltjax.data import flags, mixture, paths as paths_lib, preprocessed, sources, streams
+from bltjax.data import documents, flags, mixture, paths as paths_lib, preprocessed, sources
+from bltjax.data import streams
 
 source_names = mixture.source_names
 
@@ -56,13 +57,13 @@ class SplitView:
     return len(self.source)
 
   def __getitem__(self, i):
-    if sources.held_out(self.source.key(i), self.eval_fraction) != self._want_eval:
+    if documents.held_out(self.source.key(i), self.eval_fraction) != self._want_eval:
       return None
     return self.source[i]
 
   def first(self) -> int | None:
     """The first document of the split (expected after ~1/fraction keys), or None."""
-    return next((i for i in range(len(self)) if sources.held_out(
+    return next((i for i in range(len(self)) if documents.held_out(
         self.source.key(i), self.eval_fraction) == self._want_eval), None)
 
 
@@ -89,7 +90,7 @@ def _listed_source(kind, paths, eval_fraction, max_document_bytes, cwd):
   only; files are read when their documents are). `cwd` keys relative paths."""
   del cwd
   source = sources.build_source(kind, paths, max_document_bytes=max_document_bytes)
-  return source, sources.split_indices(source, eval_fraction)
+  return source, documents.split_indices(source, eval_fraction)
 
 
 def max_document_bytes(data_cfg) -> int:
@@ -164,11 +165,11 @@ def tokenized_documents(data_cfg, split: str, *, seed: int, process_index: int,
   comp = _one_source(data_cfg, source)
   docs = _documents(comp, data_cfg, split, seed=seed, shard=process_index, shards=process_count,
                     shuffle=shuffle, num_epochs=num_epochs)
-  return docs.map(sources.DocumentToTokens())
+  return docs.map(documents.DocumentToTokens())
 
 
 def _windows(comp, data_cfg, split, tokenizer=None, **kw):
-  to_tokens = sources.DocumentToTokens() if tokenizer is None else bpe.DocumentToBPE(tokenizer)
+  to_tokens = documents.DocumentToTokens() if tokenizer is None else bpe.DocumentToBPE(tokenizer)
   docs = _documents(comp, data_cfg, split, **kw).map(to_tokens)
   if isinstance(docs, grain.MapDataset):
     docs = docs.to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.read_threads,

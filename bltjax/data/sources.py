@@ -1,19 +1,14 @@
-"""Documents: random-access sources (grain data sources), the held-out split, DocumentToTokens.
+"""Random-access document sources (grain data sources): `stdlib`, `text`, `arrayrecord`.
 
-Random-access kinds: `stdlib` and `text` (one document per file) and `arrayrecord` (one record per
-document): `len(src)`, `src[i] -> Document`, `src.key(i)` (a stable id, hashed by the split).
-JSONL and Parquet are streamed (`bltjax.data.streams`). Sources pickle for grain's workers: files
-are opened per read, readers are not pickled. Nothing is dropped silently: documents failing at
-read time (empty, unreadable, malformed) come back with `problem` set and become flagged
-`[BOS, EOS]` in `DocumentToTokens`, which the training metrics count (`bltjax.data.flags`).
-A document longer than `max_document_bytes` (data.max_document_bytes) keeps its first that many
-bytes and is flagged oversized: a prefix trains, and the cut is counted, not silent. Files are read
-at most that many bytes (+ 1) into memory; an ArrayRecord record is read whole, then cut.
+`stdlib` and `text` hold one document per file, `arrayrecord` one per record: `len(src)`,
+`src[i] -> Document`, `src.key(i)` (a stable id, hashed by the held-out split). JSONL and Parquet
+are streamed (`bltjax.data.streams`). Sources pickle for grain's workers: files are opened per
+read, readers are not pickled. What a document is, its problems (a document failing at read time
+comes back flagged, never dropped), the split and `DocumentToTokens`: `bltjax.data.documents`.
+Files are read at most `max_document_bytes` (+ 1) bytes into memory; an ArrayRecord record is
+read whole, then cut.
 """
 
-import codecs
-import collections
-import hashlib
 import logging
 import operator
 import os
@@ -22,62 +17,21 @@ import stat
 import sys
 import sysconfig
 import threading
-import typing
 
 from array_record.python import array_record_module
 from etils import epath
-import grain
 import numpy as np
 
-from bltjax import tokenizer
-from bltjax.data import flags as flags_lib, paths as paths_lib
+from bltjax.data import paths as paths_lib
+from bltjax.data.documents import MAX_DOCUMENT_BYTES, Document, ProblemLog
 
-Document = typing.NamedTuple("Document", [("data", bytes), ("problem", str | None)])
-PROBLEMS = flags_lib.PROBLEMS  # Document.problem: None or one of these
 SOURCES = ("stdlib", "text", "jsonl", "parquet", "arrayrecord")
 STREAMED = ("jsonl", "parquet")  # read sequentially, sharded by file (bltjax.data.streams)
-# data.max_document_bytes of the experiments: far above any real document, a bound on memory.
-MAX_DOCUMENT_BYTES = 64 << 20
 _READ_CHUNK = 1 << 20  # bytes per read() of a document file
 
 _STDLIB_SKIP_DIRS = frozenset(
     {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
 _LOG_EXAMPLES = 5  # Paths shown when logging exclusions.
-MAX_READ_WARNINGS = 10  # Per kind of problem, source/stream instance and process; flags count all.
-
-
-def to_bytes(text: str) -> bytes:
-  """UTF-8, with the tokenizer's policy for lone surrogates."""
-  try:
-    return text.encode("utf-8")
-  except UnicodeEncodeError:
-    ids = tokenizer.encode(text, add_bos=False, add_eos=False)
-    return tokenizer.decode_bytes(ids)
-
-
-class ProblemLog:
-  """Logs the first few read-time problems of each kind of one reader (bounded: no log line per
-  document); `DocumentToTokens` flags every one, the metrics count them."""
-
-  def __init__(self, name: str):
-    self.name, self.counts = name, collections.Counter()
-
-  def __call__(self, problem: str, key: str, detail, data: bytes = b"") -> Document:
-    self.counts[problem] += 1
-    n = self.counts[problem]
-    if n <= MAX_READ_WARNINGS:
-      more = f" (further {problem} documents are only counted)" if n == MAX_READ_WARNINGS else ""
-      logging.warning("%s: %s document %s: %s%s", self.name, problem, key, detail, more)
-    return Document(data, problem)
-
-  def document(self, data: bytes, key: str, max_bytes: int, size=None) -> Document:
-    """`data` as a Document: flagged empty, or cut to `max_bytes` and flagged oversized.
-    `size`: the document's full length when known (else `len(data)`, maybe already cut)."""
-    if len(data) > max_bytes:
-      total = f"{size} bytes" if size is not None else f"more than {max_bytes} bytes"
-      return self("oversized", key, f"{total}, longer than data.max_document_bytes: kept its "
-                  f"first {max_bytes} bytes", bytes(data[:max_bytes]))
-    return Document(data, None) if data else self("empty", key, "no bytes")
 
 
 def read_prefix(f, max_bytes: int) -> bytes:
@@ -279,79 +233,3 @@ def build_source(kind: str, paths=(), text_field: str = "text",
   if kind == "text":
     return TextFilesSource(paths, max_document_bytes)
   return ArrayRecordSource(paths_lib.expand(paths), max_document_bytes)
-
-
-def key_hash(key: str) -> int:
-  digest = hashlib.sha256(key.encode("utf-8", errors="surrogateescape")).digest()
-  return int.from_bytes(digest[:8], "big")
-
-
-def held_out(key: str, eval_fraction: float) -> bool:
-  """Whether the document `key` belongs to the eval split: sha256(key)[:8] / 2**64 < fraction."""
-  return key_hash(key) < int(eval_fraction * 2**64)
-
-
-def split_indices(source, eval_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-  """Splits documents by a hash of their key: the same split on every machine.
-
-  Document i is held out iff sha256(key)[:8] / 2**64 < eval_fraction. With
-  eval_fraction > 0 and at least two documents, neither side is left empty:
-  the smallest (largest) hash moves to eval (train), and that is logged.
-
-  Returns:
-    (train_idx, eval_idx): sorted int64 index arrays, disjoint, covering all.
-  """
-  if not 0 <= eval_fraction < 1:
-    raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-  hashes = np.array([key_hash(source.key(i)) for i in range(len(source))], np.uint64)
-  held = hashes < np.uint64(int(eval_fraction * 2**64))
-  name = getattr(source, "name", source)
-  if eval_fraction > 0 and len(hashes) < 2:
-    logging.warning("%s: %d document(s), too few for a held-out split", name, len(hashes))
-  elif eval_fraction > 0:
-    for to_eval, pick in ((True, np.argmin), (False, np.argmax)):
-      if (held != to_eval).all():  # That side is empty: move the extreme hash over.
-        j = int(pick(hashes))
-        held[j] = to_eval
-        logging.info("%s: no document hashed into %s (fraction %g); moved %s there", name,
-                     "eval" if to_eval else "train", eval_fraction, source.key(j))
-  return np.flatnonzero(~held), np.flatnonzero(held)
-
-
-class DocumentToTokens(grain.transforms.Map):
-  """Document -> {"tokens": BOS + (byte + 4)... + EOS, "doc_flags": flag bits at index 0}.
-
-  Flags: `bltjax.data.flags`. Invalid UTF-8 and NUL bytes are kept (every byte is a valid input
-  id) and flagged; the first few of each are logged with their offset and the bytes around it (a
-  Document carries no key: the readers log the keys of the problems they meet)."""
-
-  def __init__(self):
-    self._logged = collections.Counter()
-
-  def map(self, element) -> dict[str, np.ndarray]:
-    data, problem = element
-    if problem is not None and problem not in PROBLEMS:
-      raise ValueError(f"unknown document problem {problem!r}; expected one of {PROBLEMS}")
-    bit = flags_lib.BIT
-    flags = bit[problem] if problem else 0
-    if not data and problem is None:
-      flags |= bit["empty"]
-    try:  # A cut (oversized) document may end inside a character: that is not invalid UTF-8.
-      codecs.getincrementaldecoder("utf-8")().decode(data, final=problem != "oversized")
-    except UnicodeDecodeError as e:
-      flags |= bit["invalid_utf8"]
-      self._log("invalid_utf8", data, e.start)
-    if b"\x00" in data:
-      flags |= bit["nul"]
-      self._log("nul", data, bytes(data).index(b"\x00"))
-    tokens = tokenizer.encode(data)
-    doc_flags = np.zeros(tokens.shape, np.int8)
-    doc_flags[0] = flags
-    return {"tokens": tokens, "doc_flags": doc_flags}
-
-  def _log(self, flag: str, data, offset: int):
-    self._logged[flag] += 1
-    if self._logged[flag] <= MAX_READ_WARNINGS:
-      more = " (further ones are only counted)" if self._logged[flag] == MAX_READ_WARNINGS else ""
-      logging.warning("document of %d bytes flagged %s (kept) at byte %d: %r%s", len(data), flag,
-                      offset, bytes(data[max(offset - 16, 0):offset + 16]), more)

@@ -1,7 +1,7 @@
 """Streamed documents of one data shard (JSONL, Parquet): no per-document index, checkpointable.
 
 A shard reads only its own files, in order, with the held-out split applied on the fly
-(`sources.held_out(key)`). Per epoch, the shard's file order is permuted (seed, shard, epoch) and
+(`documents.held_out(key)`). Per epoch, the shard's file order is permuted (seed, shard, epoch) and
 the documents are shuffled within consecutive windows of `window` documents of the split (each
 window permuted by (seed, shard, epoch, window number)). Memory: one window of documents and one
 open file (a row group for Parquet), whatever the corpus size.
@@ -18,7 +18,7 @@ import grain
 import numpy as np
 
 from bltjax.data import formats
-from bltjax.data.sources import MAX_DOCUMENT_BYTES, ProblemLog, held_out
+from bltjax.data.documents import MAX_DOCUMENT_BYTES, ProblemLog, held_out
 
 _SEED_MOD = 2**63  # numpy seeds are non-negative
 

@@ -9,7 +9,7 @@ from bltjax.model import hashing
 from bltjax.model.config import BLTConfig
 from bltjax.model.entropy_model import document_ids
 from bltjax.model.latent import LatentTransformer
-from bltjax.model.layers import Embed, constrain
+from bltjax.model.layers import Embed, constrain, row_positions
 from bltjax.model.local_models import LocalDecoder, LocalEncoder
 from bltjax.model.transformer import ACT
 
@@ -73,32 +73,33 @@ class ByteLatentTransformer(nn.Module):
     p = patch_lengths_BxP.shape[1]
     patch_ids = patching.patch_ids_from_lengths(patch_lengths_BxP, n)
     dec_patch_ids = patching.decoder_patch_ids_from_lengths(patch_lengths_BxP, n)
-    positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))  # not reset per document
+    positions = row_positions(b, n)
     docs = document_ids(tokens_BxN)
 
     x = self.embed(tokens_BxN, hash_ids_BxNxT)
     h_enc, pe_BxPxkxD = self.local_encoder(x, positions, docs, patch_ids, p)
-    latent_in = pe_BxPxkxD.reshape(b, p, c.cross_attn_k * c.encoder.dim)
-    latent = self.latent(latent_in, patch_document_ids(tokens_BxN, patch_ids, p))
+    latent_in_BxPxI = pe_BxPxkxD.reshape(b, p, c.cross_attn_k * c.encoder.dim)
+    latent = self.latent(latent_in_BxPxI, patch_document_ids(tokens_BxN, patch_ids, p))
     return self.local_decoder(h_enc, latent, dec_patch_ids, positions, docs)
 
   # -- generation, one byte per row at a time ------------------------------------------------------
 
-  def encode_byte(self, window_BxW, pos_B, doc_B, cache):
-    """Byte `window[:, -1]` at row position `pos` (the window holds the last bytes, zero-padded on
-    the left, enough for the longest n-gram): (h [B, 1, D], states for pooling, cache)."""
-    x = self.embed(window_BxW)[:, -1:]
+  def encode_byte(self, ngram_context_BxR, pos_B, doc_B, cache):
+    """Byte `ngram_context[:, -1]` at row position `pos` (the context holds the last R bytes,
+    zero-padded on the left, enough for the longest n-gram): (h [B, 1, D], states for pooling
+    [L, B, 1, D], cache)."""
+    x = self.embed(ngram_context_BxR)[:, -1:]
     return self.local_encoder.step(x, pos_B, doc_B, cache)
 
-  def encode_patch(self, states_LxBxTxD, in_patch_BxT):
-    """Latent input [B, 1, k*D] of the patch made of the bytes where `in_patch` is True."""
-    ids = jnp.where(in_patch_BxT, 0, 1)  # id 1 is outside the single segment: ignored
-    pe = self.local_encoder.pool(states_LxBxTxD, ids, 1)
+  def encode_patch(self, states_LxBxNxD, in_patch_BxN):
+    """Latent input [B, 1, I] (I = k·D) of the patch made of the bytes where `in_patch` is True."""
+    ids = jnp.where(in_patch_BxN, 0, 1)  # id 1 is outside the single segment: ignored
+    pe = self.local_encoder.pool(states_LxBxNxD, ids, 1)
     return pe.reshape(pe.shape[0], 1, -1)
 
-  def latent_step(self, x_Bx1xE, patch_index_B, doc_B, write_B, cache):
+  def latent_step(self, x_Bx1xI, patch_index_B, doc_B, write_B, cache):
     """Latent output for each row's new patch, projected for the decoder: [B, 1, k, D]."""
-    h, cache = self.latent.step(x_Bx1xE, patch_index_B, doc_B, write_B, cache)
+    h, cache = self.latent.step(x_Bx1xI, patch_index_B, doc_B, write_B, cache)
     return self.local_decoder.patch_states(h), cache
 
   def decode_byte(self, h_Bx1xD, pe_Bx1xkxD, pos_B, doc_B, cache):

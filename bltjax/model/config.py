@@ -9,8 +9,7 @@ import math
 from typing import Any, Mapping
 
 from bltjax.patching import PATCHING_MODES
-
-VOCAB_SIZE = 260  # 256 bytes + BOE/pad, BOS, EOS, BPE.
+from bltjax.tokenizer import VOCAB_SIZE  # 260: 256 bytes + BOE/pad, BOS, EOS, BPE.
 
 
 def swiglu_hidden_dim(dim: int, multiplier: float = 1.0, multiple_of: int = 256) -> int:

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 
 from bltjax import tokenizer
 from bltjax.model.config import EntropyModelConfig
-from bltjax.model.layers import Dense, Embed, RMSNorm
-from bltjax.model.transformer import Stack, dtypes
+from bltjax.model.layers import Dense, Embed, RMSNorm, row_positions
+from bltjax.model.transformer import Stack, dtypes, ring_slot
 
 
 def document_ids(tokens_BxN):
@@ -39,14 +39,13 @@ class EntropyModel(nn.Module):
     return self.tok_embeddings(tokens).astype(jnp.dtype(self.cfg.runtime.dtype))
 
   def __call__(self, tokens_BxN):
-    b, n = tokens_BxN.shape
-    positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-    h, _ = self.stack(self._embed(tokens_BxN), positions, document_ids(tokens_BxN))
+    positions_BxN = row_positions(*tokens_BxN.shape)
+    h, _ = self.stack(self._embed(tokens_BxN), positions_BxN, document_ids(tokens_BxN))
     return self.output(self.norm(h))
 
   def step(self, token_B, pos_B, doc_B, cache):
     """One byte per row against a ring KV cache: (logits [B, V] for the next byte, cache)."""
-    slot = pos_B % cache["pos"].shape[-1]
+    slot = ring_slot(pos_B, cache)
     h, (cache, _) = self.stack(self._embed(token_B[:, None]), pos_B[:, None], doc_B[:, None],
                                cache, slot, jnp.ones_like(pos_B, bool))
     return self.output(self.norm(h))[:, 0], cache

@@ -8,10 +8,10 @@ position t of a row x of token ids (byte + 4; BOS=1, EOS=2, pad=0) is
   id = h mod vocab                            (floor mod: id in [0, vocab))
 
 Details that the released weights were trained with, so we keep them even where
-the paper says otherwise: the row is left-padded with n-1 zeros (early windows
-are hashed, not omitted); the *oldest* token gets prime**0; `prime**j` itself
-wraps in int64; the modulo is Python/`torch.remainder` style even for wrapped
-negative sums. Tables are ordered function-major:
+the paper says otherwise: the row is left-padded with n-1 zeros (the n-grams of
+the first positions are hashed, not omitted); the *oldest* token gets prime**0;
+`prime**j` itself wraps in int64; the modulo is Python/`torch.remainder` style
+even for wrapped negative sums. Tables are ordered function-major:
 `table = f * len(group_sizes) + group_index`.
 
 Two implementations that agree exactly:
@@ -75,14 +75,18 @@ def _check_config(group_sizes, num_functions, vocab, max_vocab, why):
   return tuple(int(n) for n in group_sizes), int(num_functions), int(vocab)
 
 
+def _check_tokens(tokens_BxN, xp):
+  """Raises unless `tokens_BxN` (a numpy or JAX array, `xp` its module) is 2-D integer."""
+  if tokens_BxN.ndim != 2 or not xp.issubdtype(tokens_BxN.dtype, xp.integer):
+    raise ValueError(
+        "tokens_BxN must be a 2-D integer array, got shape "
+        f"{tokens_BxN.shape} dtype {tokens_BxN.dtype}"
+    )
+
+
 def _prime_powers_u64(prime: int, n: int) -> list[int]:
   """prime**j mod 2**64 for j < n, as Python ints (the int64 bit patterns)."""
   return [pow(prime, j, 1 << 64) for j in range(n)]
-
-
-def num_tables(group_sizes: Sequence[int], num_functions: int) -> int:
-  """Number of hash tables T = num_functions * len(group_sizes)."""
-  return num_functions * len(tuple(group_sizes))
 
 
 def hash_ids_numpy(
@@ -108,11 +112,7 @@ def hash_ids_numpy(
       group_sizes, num_functions, vocab, 1 << 31, "ids are int32"
   )
   tokens_BxN = np.asarray(tokens_BxN)
-  if tokens_BxN.ndim != 2 or not np.issubdtype(tokens_BxN.dtype, np.integer):
-    raise ValueError(
-        "tokens_BxN must be a 2-D integer array, got shape "
-        f"{tokens_BxN.shape} dtype {tokens_BxN.dtype}"
-    )
+  _check_tokens(tokens_BxN, np)
   # uint64 inputs reinterpret as int64 bit patterns, which is what wraps.
   tokens_BxN = tokens_BxN.astype(np.int64)
   b, n_len = tokens_BxN.shape
@@ -217,11 +217,7 @@ def hash_ids(
       "the 32-bit modulo needs vocab < 2**24; use hash_ids_numpy beyond",
   )
   tokens_BxN = jnp.asarray(tokens_BxN)
-  if tokens_BxN.ndim != 2 or not jnp.issubdtype(tokens_BxN.dtype, jnp.integer):
-    raise ValueError(
-        "tokens_BxN must be a 2-D integer array, got shape "
-        f"{tokens_BxN.shape} dtype {tokens_BxN.dtype}"
-    )
+  _check_tokens(tokens_BxN, jnp)
   tokens_BxN = tokens_BxN.astype(jnp.int32)
   b, n_len = tokens_BxN.shape
   # Limbs of the int64 sign extension of each token.
@@ -241,7 +237,7 @@ def hash_ids(
       h_hi = jnp.zeros((b, n_len), jnp.uint32)
       h_lo = jnp.zeros((b, n_len), jnp.uint32)
       for j in range(n):
-        # Window element j (oldest first) of position t is padded[t + j]
+        # Element j of the n-gram (oldest first) at position t is padded[t + j]
         # after padding by n - 1; with max_n - 1 padding it is shifted.
         start = max_n - n + j
         x_lo = lo_pad[:, start : start + n_len]

@@ -30,7 +30,7 @@ def constrain(x, axes):
 
 
 class Dense(nn.Module):
-  """Bias-free linear layer `y = x @ W`, W [in, out] (the transpose of a PyTorch Linear weight)."""
+  """Bias-free linear layer `y = x @ W`, W [I, O] (the transpose of a PyTorch Linear weight)."""
   features: int
   std: float
   axes: tuple[str | None, str | None]
@@ -50,7 +50,7 @@ class Dense(nn.Module):
 
 
 @jax.custom_vjp
-def matmul(x_xI, w_IxO):
+def matmul(x_XxI, w_IxO):
   """x @ w in x's dtype (w is cast to it), accumulated in fp32: bf16 x bf16 -> fp32 is also the
   fast path of CPUs with AVX512-BF16 (bf16 -> bf16 is not). Returns x's dtype.
 
@@ -60,7 +60,7 @@ def matmul(x_xI, w_IxO):
   cotangent, and products of bf16 numbers are exact in the fp32 accumulator. The weight gradient
   comes back in w's own dtype (fp32 params: not rounded to bf16 on the way, unlike autodiff).
   """
-  return _matmul_fwd(x_xI, w_IxO)[0]
+  return _matmul_fwd(x_XxI, w_IxO)[0]
 
 
 def _matmul_fwd(x, w):
@@ -117,37 +117,38 @@ def _inv_freq(head_dim: int, theta: float) -> np.ndarray:
   return (1.0 / (np.float32(theta) ** exponent)).astype(np.float32)
 
 
-def apply_rope(x_BxSxHxK, positions_BxS, theta: float):
+def apply_rope(x_BxNxHxE, positions_BxN, theta: float):
   """Rotary embedding on *interleaved adjacent pairs* (x[2i], x[2i+1]) — Meta's convention.
 
-  HF-Llama's "rotate_half" pairs (x[i], x[i+d/2]) instead; released BLT weights need this one.
+  HF-Llama's "rotate_half" pairs (x[i], x[i+E/2]) instead; released BLT weights need this one.
   """
-  head_dim = x_BxSxHxK.shape[-1]
+  head_dim = x_BxNxHxE.shape[-1]
   inv_freq = jnp.asarray(_inv_freq(head_dim, float(theta)))
-  angles = positions_BxS.astype(jnp.float32)[..., None] * inv_freq  # [B, S, K/2]
+  angles = positions_BxN.astype(jnp.float32)[..., None] * inv_freq  # [B, N, E/2]
   cos = jnp.cos(angles)[:, :, None, :]
   sin = jnp.sin(angles)[:, :, None, :]
-  x = x_BxSxHxK.astype(jnp.float32).reshape(*x_BxSxHxK.shape[:-1], head_dim // 2, 2)
+  x = x_BxNxHxE.astype(jnp.float32).reshape(*x_BxNxHxE.shape[:-1], head_dim // 2, 2)
   x0, x1 = x[..., 0], x[..., 1]
   out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
-  return out.reshape(x_BxSxHxK.shape).astype(x_BxSxHxK.dtype)
+  return out.reshape(x_BxNxHxE.shape).astype(x_BxNxHxE.dtype)
+
+
+def row_positions(batch: int, length: int):
+  """[B, N] int32: positions 0..N-1 in every row (not reset per document)."""
+  return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
 
 
 class SwiGLU(nn.Module):
-  """W2(silu(W1 x) * W3 x); W1/W3 init std dim^-0.5, W2 std hidden^-0.5 (reference init)."""
+  """W2(silu(W1 x) * W3 x), hidden width F; W1/W3 init std D^-0.5, W2 std F^-0.5 (reference)."""
   hidden: int
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxSxD):
-    dim = x_BxSxD.shape[-1]
+  def __call__(self, x_BxNxD):
+    dim = x_BxNxD.shape[-1]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    gate = Dense(self.hidden, dim**-0.5, ("embed", "mlp"), name="w1", **kw)(x_BxSxD)
-    up = Dense(self.hidden, dim**-0.5, ("embed", "mlp"), name="w3", **kw)(x_BxSxD)
-    h = constrain(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-    return Dense(dim, self.hidden**-0.5, ("mlp", "embed"), name="w2", **kw)(h)
-
-
-def dtype_of(name: str):
-  return jnp.dtype(name)
+    gate_BxNxF = Dense(self.hidden, dim**-0.5, ("embed", "mlp"), name="w1", **kw)(x_BxNxD)
+    up_BxNxF = Dense(self.hidden, dim**-0.5, ("embed", "mlp"), name="w3", **kw)(x_BxNxD)
+    h_BxNxF = constrain(nn.silu(gate_BxNxF) * up_BxNxF, ("batch", "length", "act_mlp"))
+    return Dense(dim, self.hidden**-0.5, ("mlp", "embed"), name="w2", **kw)(h_BxNxF)

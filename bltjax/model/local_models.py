@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from bltjax.model.config import BLTConfig
 from bltjax.model.layers import Dense, RMSNorm, constrain
 from bltjax.model.transformer import (ACT, BLOCK_IN_AXES, Block, ByteCrossAttention,
-                                      PatchCrossAttention, Stack, dtypes, scan_stack)
+                                      PatchCrossAttention, Stack, dtypes, ring_slot, scan_stack)
 
 
 def max_pool_patches(h_BxNxD, patch_ids_BxN, num_patches):
@@ -42,7 +42,8 @@ class LocalEncoder(nn.Module):
         in_axes=(0, nn.broadcast))(d, c.cross_attn_nheads, c.encoder.norm_eps, c.runtime)
 
   def pool(self, kv_LxBxNxD, patch_ids_BxN, num_patches):
-    """Patch representations [B, P, k, D] from the byte states of the cross-attention layers."""
+    """Patch representations [B, P, k, D] from the byte states of the cross-attention layers
+    (L = the encoder's layers with `cross_attn_all_layers_encoder`, else 1: the last)."""
     b, d = kv_LxBxNxD.shape[1], kv_LxBxNxD.shape[-1]
     pooled = max_pool_patches(kv_LxBxNxD[0], patch_ids_BxN, num_patches)
     pe = self.patch_embedding_projection(pooled).reshape(b, num_patches, self.cfg.cross_attn_k, d)
@@ -57,11 +58,12 @@ class LocalEncoder(nn.Module):
     return h, self.pool(kv, patch_ids_BxN, num_patches)
 
   def step(self, x_Bx1xD, pos_B, seg_B, cache):
-    """One byte per row: (h [B, 1, D], its states for pooling [L', B, 1, D], new cache)."""
-    slot = pos_B % cache["pos"].shape[-1]
+    """One byte per row: (h [B, 1, D], its states for pooling [L, B, 1, D], new cache)."""
+    slot = ring_slot(pos_B, cache)
     write = jnp.ones_like(pos_B, bool)
-    h, (cache, h_L) = self.stack(x_Bx1xD, pos_B[:, None], seg_B[:, None], cache, slot, write)
-    return h, (h_L if self.all_layers else h[None]), cache
+    h, (cache, h_LxBx1xD) = self.stack(x_Bx1xD, pos_B[:, None], seg_B[:, None], cache, slot,
+                                       write)
+    return h, (h_LxBx1xD if self.all_layers else h[None]), cache
 
 
 class DecoderLayer(nn.Module):
@@ -103,11 +105,12 @@ class LocalDecoder(nn.Module):
     self.output = Dense(c.vocab_size, dec.dim**-0.5, ("embed", "vocab"), out_dtype=jnp.float32,
                         **kw)
 
-  def patch_states(self, latent_BxPxG):
-    """Latent outputs -> the k sub-vectors per patch that bytes attend to: [B, P, k, D]."""
-    b, p, _ = latent_BxPxG.shape
+  def patch_states(self, latent_BxPxD):
+    """Latent outputs (D the latent's width) -> the k sub-vectors per patch that bytes attend to:
+    [B, P, k, D] (D the decoder's width)."""
+    b, p, _ = latent_BxPxD.shape
     dim = self.cfg.decoder.dim
-    return self.patch_embedding_projection(latent_BxPxG).reshape(b, p, self.cfg.cross_attn_k, dim)
+    return self.patch_embedding_projection(latent_BxPxD).reshape(b, p, self.cfg.cross_attn_k, dim)
 
   def bytes_to_logits(self, h_BxNxD, pe_BxPxkxD, dec_patch_ids_BxN, positions_BxN,
                       segment_ids_BxN, cache=None, slot_B=None, write_B=None):
@@ -119,14 +122,14 @@ class LocalDecoder(nn.Module):
       h, (cache, _) = self.stack(h, positions_BxN, segment_ids_BxN, cache, slot_B, write_B)
     return self.output(constrain(self.norm(h), ACT)), cache
 
-  def __call__(self, h_BxNxD, latent_BxPxG, dec_patch_ids_BxN, positions_BxN, segment_ids_BxN):
-    logits, _ = self.bytes_to_logits(h_BxNxD, self.patch_states(latent_BxPxG), dec_patch_ids_BxN,
+  def __call__(self, h_BxNxD, latent_BxPxD, dec_patch_ids_BxN, positions_BxN, segment_ids_BxN):
+    logits, _ = self.bytes_to_logits(h_BxNxD, self.patch_states(latent_BxPxD), dec_patch_ids_BxN,
                                      positions_BxN, segment_ids_BxN)
     return logits
 
   def step(self, h_Bx1xD, pe_Bx1xkxD, pos_B, seg_B, cache):
     """One byte per row reading one patch (its k sub-vectors): (logits [B, V], new cache)."""
-    slot = pos_B % cache["pos"].shape[-1]
+    slot = ring_slot(pos_B, cache)
     zeros = jnp.zeros(pos_B.shape + (1,), jnp.int32)
     logits, cache = self.bytes_to_logits(h_Bx1xD, pe_Bx1xkxD, zeros, pos_B[:, None],
                                          seg_B[:, None], cache, slot, jnp.ones_like(pos_B, bool))

@@ -14,7 +14,7 @@ from bltjax.model import attention
 from bltjax.model.config import RuntimeConfig, TransformerConfig
 from bltjax.model.layers import Dense, RMSNorm, SwiGLU, apply_rope, constrain
 
-ACT = ("batch", "length", "act_embed")  # logical axes of [B, S, D] activations.
+ACT = ("batch", "length", "act_embed")  # logical axes of [B, N, D] activations.
 
 
 def dtypes(rt: RuntimeConfig):
@@ -34,31 +34,32 @@ class SelfAttention(nn.Module):
     self.wv = Dense(c.n_kv_heads * c.head_dim, std, ("embed", "kv_heads"), **kw)
     self.wo = Dense(c.dim, std, ("heads", "embed"), **kw)
 
-  def qkv(self, x_BxSxD, positions_BxS):
+  def qkv(self, x_BxNxD, positions_BxN):
+    """(q [B, N, H, E], k [B, N, K, E], v [B, N, K, E]), RoPE applied to q and k."""
     c = self.cfg
-    b, s, _ = x_BxSxD.shape
-    q = self.wq(x_BxSxD).reshape(b, s, c.n_heads, c.head_dim)
-    k = self.wk(x_BxSxD).reshape(b, s, c.n_kv_heads, c.head_dim)
-    v = self.wv(x_BxSxD).reshape(b, s, c.n_kv_heads, c.head_dim)
-    q = apply_rope(q, positions_BxS, c.rope_theta)
-    k = apply_rope(k, positions_BxS, c.rope_theta)
+    b, n, _ = x_BxNxD.shape
+    q = self.wq(x_BxNxD).reshape(b, n, c.n_heads, c.head_dim)
+    k = self.wk(x_BxNxD).reshape(b, n, c.n_kv_heads, c.head_dim)
+    v = self.wv(x_BxNxD).reshape(b, n, c.n_kv_heads, c.head_dim)
+    q = apply_rope(q, positions_BxN, c.rope_theta)
+    k = apply_rope(k, positions_BxN, c.rope_theta)
     return q, k, v
 
-  def out(self, o_BxSxHxD):
-    b, s, h, d = o_BxSxHxD.shape
-    return self.wo(constrain(o_BxSxHxD, ("batch", "length", "act_heads", None)).reshape(b, s, h * d))
+  def out(self, o_BxNxHxE):
+    b, n, h, e = o_BxNxHxE.shape
+    return self.wo(constrain(o_BxNxHxE, ("batch", "length", "act_heads", None)).reshape(b, n, h * e))
 
-  def __call__(self, x_BxSxD, positions_BxS, segment_ids_BxS, cache=None, slot_B=None,
+  def __call__(self, x_BxNxD, positions_BxN, segment_ids_BxN, cache=None, slot_B=None,
                write_B=None):
-    q, k, v = self.qkv(x_BxSxD, positions_BxS)
+    q, k, v = self.qkv(x_BxNxD, positions_BxN)
     if cache is None:
-      # Positions are row positions 0..S-1 here, so blockwise local attention applies.
+      # Positions are row positions 0..N-1 here, so blockwise local attention applies.
       window = self.cfg.attn_window
-      o = attention.local_attention(q, k, v, segment_ids_BxS, window=window,
+      o = attention.local_attention(q, k, v, segment_ids_BxN, window=window,
                                     chunk=self.rt.chunk_for(window), loop=self.rt.attn_loop)
       return self.out(o), None
-    # Decoding one position per row (S = 1) against a KV cache.
-    pos, seg = positions_BxS[:, 0], segment_ids_BxS[:, 0]
+    # Decoding one position per row (N = 1) against a KV cache.
+    pos, seg = positions_BxN[:, 0], segment_ids_BxN[:, 0]
     cache = attention.write_kv_cache(cache, k[:, 0], v[:, 0], pos, seg, slot_B, write_B)
     o = attention.cached_attention(q[:, 0], cache, pos, seg, window=self.cfg.attn_window)
     return self.out(o[:, None]), cache
@@ -77,11 +78,11 @@ class Block(nn.Module):
     self.ffn_norm = RMSNorm(c.norm_eps, **kw)
     self.feed_forward = SwiGLU(c.ffn_dim, **kw)
 
-  def __call__(self, x_BxSxD, positions_BxS, segment_ids_BxS, cache=None, slot_B=None,
+  def __call__(self, x_BxNxD, positions_BxN, segment_ids_BxN, cache=None, slot_B=None,
                write_B=None):
     """(y, (new KV cache or None, y if `collect` else None)): the scan stacks the second part."""
-    x = constrain(x_BxSxD, ACT)
-    a, cache = self.attention(self.attention_norm(x), positions_BxS, segment_ids_BxS, cache,
+    x = constrain(x_BxNxD, ACT)
+    a, cache = self.attention(self.attention_norm(x), positions_BxN, segment_ids_BxN, cache,
                               slot_B, write_B)
     h = x + a
     y = constrain(h + self.feed_forward(self.ffn_norm(h)), ACT)
@@ -110,7 +111,7 @@ BLOCK_IN_AXES = (nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast)
 
 class Stack(nn.Module):
   """`cfg.n_layers` scanned Blocks. Returns (y, (new KV caches [L, ...] when decoding with a
-  `cache` else None, every layer's output [L, B, S, D] with `collect` else None))."""
+  `cache` else None, every layer's output [L, B, N, D] with `collect` else None))."""
   cfg: TransformerConfig
   rt: RuntimeConfig
   collect: bool = False
@@ -119,15 +120,20 @@ class Stack(nn.Module):
     self.layers = scan_stack(Block, length=self.cfg.n_layers, rt=self.rt,
                              in_axes=BLOCK_IN_AXES)(self.cfg, self.rt, self.collect)
 
-  def __call__(self, x_BxSxD, positions_BxS, segment_ids_BxS, cache=None, slot_B=None,
+  def __call__(self, x_BxNxD, positions_BxN, segment_ids_BxN, cache=None, slot_B=None,
                write_B=None):
-    return self.layers(x_BxSxD, positions_BxS, segment_ids_BxS, cache, slot_B, write_B)
+    return self.layers(x_BxNxD, positions_BxN, segment_ids_BxN, cache, slot_B, write_B)
 
 
 def empty_stack_cache(cfg: TransformerConfig, rt: RuntimeConfig, batch: int, size: int):
-  """KV caches for every layer of a Stack: [L, B, size, ...]."""
+  """KV caches of C = `size` slots for every layer of a Stack: [L, B, C, ...]."""
   return attention.empty_kv_cache(batch, size, cfg.n_kv_heads, cfg.head_dim, jnp.dtype(rt.dtype),
                                   layers=cfg.n_layers)
+
+
+def ring_slot(pos_B, cache):
+  """The slot a ring KV cache of C slots (the attention window) gives position `pos`: pos % C."""
+  return pos_B % cache["pos"].shape[-1]
 
 
 class CrossAttention(nn.Module):
