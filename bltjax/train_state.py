@@ -31,9 +31,11 @@ def new_guard() -> dict:
   """Counters of skipped updates, kept on the devices and checkpointed with the state:
   non-finite and loss-spike skips so far, the current run of consecutive skips, the last
   skipped step (1-based), and the running loss mean for spike detection."""
-  zero = jnp.zeros((), jnp.int32)
-  return dict(nonfinite_steps=zero, spike_steps=zero, skip_streak=zero, last_skipped_step=zero,
-              loss_ema=jnp.zeros((), jnp.float32), loss_ema_steps=zero)
+  def zero():  # one buffer each: the state is donated to the step, buffer by buffer
+    return jnp.zeros((), jnp.int32)
+  return dict(nonfinite_steps=zero(), spike_steps=zero(), skip_streak=zero(),
+              last_skipped_step=zero(), loss_ema=jnp.zeros((), jnp.float32),
+              loss_ema_steps=zero())
 
 
 def build_model(config) -> nn.Module:
