@@ -4,7 +4,7 @@
 The trainer's `eval_bpb` (bltjax.heldout.Evaluator) covers the first `train.eval_batches` batches
 of the eval split: per data shard, the shard's held-out documents in order (unshuffled, cycled
 when short), each tokenized as BOS + bytes + EOS, concatenated and split into windows of
-data.seq_len + 1 ids (bltjax.data.pipeline.packed_windows). So those batches cover exactly the
+data.seq_len + 1 ids (bltjax.data.pipeline.packed_rows). So those batches cover exactly the
 first eval_batches x rows x (seq_len + 1) ids of that document stream, the last document cut
 where the last window ends. This module rebuilds that stream with the pipeline's own functions
 and reports, in bits per byte of document text:

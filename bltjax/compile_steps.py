@@ -32,7 +32,7 @@ def train_options(config) -> dict:
   """The train step's settings from config.train and config.optim: keywords of lower_steps."""
   t = config.train
   return dict(lr_fn=optim.lr_schedule(config.optim, t.steps), microbatches=t.microbatches,
-              loss_spike_factor=t.loss_spike_factor, loss_spike_window=t.loss_spike_window)
+              loss_spike_factor=t.loss_spike_factor, loss_spike_horizon=t.loss_spike_horizon)
 
 
 def lower_steps(state, batch, *, loss_fn, optimizer, shardings: StepShardings | None = None,

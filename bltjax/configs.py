@@ -185,7 +185,8 @@ def validate(config, num_devices: int | None):
   _require(t.max_skipped_steps >= 1, f"train.max_skipped_steps={t.max_skipped_steps} must be >= 1")
   _require(t.loss_spike_factor == 0 or t.loss_spike_factor > 1,
            f"train.loss_spike_factor={t.loss_spike_factor} must be 0 (off) or > 1")
-  _require(t.loss_spike_window >= 1, f"train.loss_spike_window={t.loss_spike_window} must be >= 1")
+  _require(t.loss_spike_horizon >= 1,
+           f"train.loss_spike_horizon={t.loss_spike_horizon} must be >= 1")
   _require(0 <= o.warmup_steps <= t.steps,
            f"optim.warmup_steps={o.warmup_steps} must be in [0, train.steps={t.steps}]")
   _require(0 <= o.lr_min_ratio <= 1, f"optim.lr_min_ratio={o.lr_min_ratio} must be in [0, 1]")

@@ -123,7 +123,7 @@ def _held_out_entropies(config, spec: EntropySpec, params) -> np.ndarray:
   """Entropies of the first held-out rows (train rows without held-out data)."""
   from bltjax.data import pipeline
   split = "eval" if config.data.eval_fraction > 0 else "train"
-  it = iter(pipeline.packed_windows(config.data, split, seed=config.seed, process_index=0,
+  it = iter(pipeline.packed_rows(config.data, split, seed=config.seed, process_index=0,
                                     process_count=1, shuffle=False))
   tokens = np.stack([next(it)["tokens"] for _ in range(CALIBRATION_ROWS)])
   model = EntropyModel(EntropyModelConfig.from_dict(spec.model))

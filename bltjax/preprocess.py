@@ -154,7 +154,7 @@ class LocalEntropies:
 def _chunks(config, key, s, shards, rows, chunk):
   """Yields (rows dict of [k, ...] arrays, tokens int32 [chunk, N] zero padded), k <= chunk."""
   split, _, source = key.partition("_by_source/")
-  it = iter(pipeline.packed_windows(config.data, split, seed=config.seed, process_index=s,
+  it = iter(pipeline.packed_rows(config.data, split, seed=config.seed, process_index=s,
                                     process_count=shards, shuffle=split == "train",
                                     source=source or None))
   for start in range(0, rows, chunk):

@@ -72,9 +72,9 @@ def _guard(guard, ok, nonfinite, spike, loss, step, decay: float):
 
 
 def train_step(state: ts.TrainState, batch, *, loss_fn, optimizer, lr_fn, microbatches: int,
-               loss_spike_factor: float = 0.0, loss_spike_window: int = 100):
+               loss_spike_factor: float = 0.0, loss_spike_horizon: int = 100):
   """`loss_spike_factor` > 0 also skips updates whose loss exceeds that many times the running
-  mean, once `loss_spike_window` updates have been accepted (train.loss_spike_*)."""
+  mean, once `loss_spike_horizon` updates have been accepted (train.loss_spike_*)."""
   # loss_fn returns (ce_sum, count): differentiate the sum, carry the count along.
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -97,9 +97,9 @@ def train_step(state: ts.TrainState, batch, *, loss_fn, optimizer, lr_fn, microb
   grad_norm = optax.tree.norm(grads)
   nonfinite = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params))
   g = state.guard
-  decay = 1.0 - 1.0 / max(loss_spike_window, 1)  # EMA horizon: the window
+  decay = 1.0 - 1.0 / max(loss_spike_horizon, 1)  # the EMA's horizon, in accepted updates
   mean = g["loss_ema"] / (1.0 - decay ** g["loss_ema_steps"])  # bias-corrected
-  spike = ~nonfinite & (loss_spike_factor > 0) & (g["loss_ema_steps"] >= loss_spike_window) & (
+  spike = ~nonfinite & (loss_spike_factor > 0) & (g["loss_ema_steps"] >= loss_spike_horizon) & (
       loss > loss_spike_factor * mean)
   ok = ~(nonfinite | spike)
   keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731 (a select: no extra copy)

@@ -195,7 +195,7 @@ class _Loop:
     self.peak = flops.device_peak_flops(jax.devices()[0], self.model_cfg.runtime.dtype)
     self.writer = metrics.MetricWriter(workdir)
     self.progress = metrics.Progress(config.train.steps, 0, desc)
-    self.window = self._new_window()
+    self.interval = self._new_interval()
     self.t_done = time.perf_counter()
     self.preemption, self.preempted = preemption.PreemptionGuard(), False
     self.entropy_cfg = entropy_cfg  # the entropy model's, when it runs on the accelerators
@@ -204,7 +204,7 @@ class _Loop:
     self.all_finite = jax.jit(step_lib.all_finite)
 
   @staticmethod
-  def _new_window():
+  def _new_interval():
     return dict(bytes=0.0, data=0.0, excluded=0.0, stats=[])
 
   def run(self, start: int, end: int):
@@ -220,8 +220,8 @@ class _Loop:
         self.state, step_metrics = self.train_fn(self.state, device)
         # Where the input pipeline stands after this step's batch: what its checkpoint records.
         data_state = _DataState(self.train_it.get_state())
-        self.window["bytes"] += stats.pop("target_bytes")
-        self.window["stats"].append(stats)
+        self.interval["bytes"] += stats.pop("target_bytes")
+        self.interval["stats"].append(stats)
         done = s + 1
         if done < end:  # Patching of the next batch is queued behind this step.
           device, stats = self._next()
@@ -229,7 +229,7 @@ class _Loop:
           self._log(*pending)
           pending = None
         if done % t.log_every == 0 or done == end:
-          pending, self.window = (done, step_metrics, self.window), self._new_window()
+          pending, self.interval = (done, step_metrics, self.interval), self._new_interval()
         if self.preemption.should_stop(done):
           logging.warning("preempted: checkpointing step %d and stopping", done)
           pending = self._save(done, data_state, pending)
@@ -303,27 +303,27 @@ class _Loop:
       self._log(*pending)
     t0 = time.perf_counter()
     self.evaluator.report(step, self.state.params, self.writer, self.progress)
-    self.window["excluded"] += time.perf_counter() - t0
+    self.interval["excluded"] += time.perf_counter() - t0
 
   def _next(self):
     """(global batch, stats). Only the wait for the input pipeline counts as data wait; the
     host-to-device transfer and device patching do not (they queue behind the running step)."""
     t0 = time.perf_counter()
     local, stats = next(self.train_it)
-    self.window["data"] += time.perf_counter() - t0
+    self.interval["data"] += time.perf_counter() - t0
     device, device_stats = self.feed(local)
     return device, stats | device_stats
 
   def _throughput(self, values) -> dict:
-    """FLOPs per byte (bltjax.flops, with this window's mean patch size, or its bytes per token
-    for token_lm), per-device FLOP/s and bytes/s, and MFU against the device's peak."""
+    """FLOPs per byte (bltjax.flops, with this logging interval's mean patch size, or its bytes
+    per token for token_lm), per-device FLOP/s and bytes/s, and MFU against the device's peak."""
     n = self.config.data.seq_len
     extra = {}
     if self.config.model_type == "blt":
       fpb = flops.blt_flops_per_byte(self.model_cfg, n, values["bytes_per_patch"],
                                      entropy=self.entropy_cfg)["total"]
     elif self.config.model_type == "token_lm":
-      # The window's sums from _host_stats become its bytes per token (not logged themselves).
+      # The interval's sums from _host_stats become its bytes per token (not logged themselves).
       bpt = values.pop("text_bytes") / max(values.pop("target_tokens"), 1.0)
       extra["bytes_per_token"] = bpt
       fpb = flops.token_lm_flops_per_byte(self.model_cfg, n, bpt)
@@ -333,15 +333,15 @@ class _Loop:
     return extra | dict(flops_per_byte=fpb, bytes_per_sec_per_device=per_device,
                         flops_per_sec_per_device=fpb * per_device, mfu=fpb * per_device / self.peak)
 
-  def _log(self, step, device_metrics, window):
+  def _log(self, step, device_metrics, interval):
     # Step metrics and device-side patch statistics: one fetch, one step late.
-    device_metrics, stats = jax.device_get((device_metrics, window["stats"]))
+    device_metrics, stats = jax.device_get((device_metrics, interval["stats"]))
     values = {k: float(v) for k, v in device_metrics.items()}
     now = time.perf_counter()  # `step` has completed: its metrics are on the host.
-    elapsed = max(now - self.t_done - window["excluded"], 1e-9)
+    elapsed = max(now - self.t_done - interval["excluded"], 1e-9)
     self.t_done = now
-    values |= dict(bytes_per_sec=window["bytes"] / elapsed,
-                   data_wait_fraction=min(window["data"] / elapsed, 1.0))
+    values |= dict(bytes_per_sec=interval["bytes"] / elapsed,
+                   data_wait_fraction=min(interval["data"] / elapsed, 1.0))
     for key in stats[0] if stats else ():
       vals = [float(x[key]) for x in stats]
       values[key] = float(np.mean(vals)) if key == "bytes_per_patch" else float(np.sum(vals))

@@ -92,9 +92,9 @@ def get_config(arg=None):
       nonfinite="stop",         # non-finite loss/gradients: stop ('skip': skip the update, go on)
       max_skipped_steps=10,     # consecutive skipped updates before the run stops
       loss_spike_factor=0.0,    # >0: skip updates whose loss > factor x running mean (0: off)
-      loss_spike_window=100,    # horizon of that running mean (accepted steps)
-      entropy_figure=True,  # at each evaluation, log the next-byte entropy and patches of a
-                            # held-out snippet to TensorBoard (patches/entropy; needs [plot])
+      loss_spike_horizon=100,   # horizon of that running mean (accepted steps)
+      entropy_figure=True,      # at each evaluation, log the next-byte entropy and patches of a
+                                # held-out snippet to TensorBoard (patches/entropy; needs [plot])
       eval_sets={})             # named held-out sources, each read whole and logged as
                                 # eval/<name>/bpb (and /loss) at every evaluation, e.g.
                                 # dict(wiki=dict(source="parquet", paths=("gs://b/wiki/*.parquet",),

@@ -126,9 +126,9 @@ def get_config(arg=None):
                               # checkpoint kept ('skip': skip such updates and go on)
       max_skipped_steps=10,   # consecutive skipped updates (either kind) before the run stops
       loss_spike_factor=0.0,  # >0: skip updates whose loss > factor x its running mean (0: off)
-      loss_spike_window=100,  # horizon of that running mean, in accepted updates
-      entropy_figure=True,  # at each evaluation, log the next-byte entropy and patches of a
-                            # held-out snippet to TensorBoard (patches/entropy; needs [plot])
+      loss_spike_horizon=100, # horizon of that running mean, in accepted updates
+      entropy_figure=True,    # at each evaluation, log the next-byte entropy and patches of a
+                              # held-out snippet to TensorBoard (patches/entropy; needs [plot])
       eval_sets={})           # named held-out sources, each read whole and logged as
                               # eval/<name>/bpb and eval/<name>/loss at every evaluation
                               # (train.eval_batches batches each), e.g.
@@ -171,7 +171,7 @@ def get_config(arg=None):
                  eval_batches=2,  # stage 1 only cuts patches: its eval is a sanity check
                  checkpoint_every=100, keep_checkpoints=2,
                  nonfinite="stop", max_skipped_steps=10, loss_spike_factor=0.0,
-                 loss_spike_window=100,  # the update guard, as above
+                 loss_spike_horizon=100,  # the update guard, as above
                  eval_sets={}),  # named eval sets, as above
       optim=dict(lr=3e-3, warmup_steps=20, lr_min_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
                  weight_decay=0.1, clip_norm=1.0),

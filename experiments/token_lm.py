@@ -82,7 +82,7 @@ def get_config(arg=None):
       nonfinite="stop",       # non-finite loss/gradients: stop ('skip': skip the update, go on)
       max_skipped_steps=10,   # consecutive skipped updates (either kind) before the run stops
       loss_spike_factor=0.0,  # >0: skip updates whose loss > factor x its running mean (0: off)
-      loss_spike_window=100,  # horizon of that running mean, in accepted updates
+      loss_spike_horizon=100, # horizon of that running mean, in accepted updates
       eval_sets={})           # named held-out sources, logged as eval/<name>/bpb (bits per
                               # byte, as for the byte models), e.g.
                               # dict(wiki=dict(source="jsonl", paths=("/data/wiki/*.jsonl",),

@@ -54,7 +54,7 @@ def test_packing_keeps_every_byte_exactly_once_in_order(corpus):
   docs = pipeline.tokenized_documents(d, "train", seed=3, process_index=0, process_count=1,
                                       shuffle=True, num_epochs=1)
   stream = np.concatenate([doc["tokens"] for doc in docs])
-  windows = list(pipeline.packed_windows(d, "train", seed=3, process_index=0, process_count=1,
+  windows = list(pipeline.packed_rows(d, "train", seed=3, process_index=0, process_count=1,
                                          shuffle=True, num_epochs=1))
   assert all(len(w["tokens"]) == d.seq_len for w in windows)
   packed = np.concatenate([w[real] for w, real in map(window_tokens, windows)])

@@ -231,4 +231,4 @@ def test_a_shard_without_files_is_an_error(tmp_path):
   pattern, _ = write_corpus(tmp_path, "parquet", files=2)
   d = data_cfg(pattern, "parquet", shards=3)
   with pytest.raises(ValueError, match=r"shard 2 of 3 gets no file.*2 file\(s\).*data.shards=3"):
-    pipeline.packed_windows(d, "train", seed=0, process_index=2, process_count=3, shuffle=True)
+    pipeline.packed_rows(d, "train", seed=0, process_index=2, process_count=3, shuffle=True)

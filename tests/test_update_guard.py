@@ -62,7 +62,7 @@ def test_an_update_that_overflows_the_params_is_not_applied():
 
 def test_loss_spikes_are_skipped_only_when_enabled():
   for factor, want in ((3.0, 1), (0.0, 0)):
-    fn, state = _stepper(loss_spike_factor=factor, loss_spike_window=3)
+    fn, state = _stepper(loss_spike_factor=factor, loss_spike_horizon=3)
     for _ in range(4):
       state, _ = fn(state, _batch(1.0))
     before = jax.device_get(state.params)["w"]
@@ -72,7 +72,7 @@ def test_loss_spikes_are_skipped_only_when_enabled():
 
 
 def test_spikes_are_not_judged_before_the_window_fills():
-  fn, state = _stepper(loss_spike_factor=3.0, loss_spike_window=5)
+  fn, state = _stepper(loss_spike_factor=3.0, loss_spike_horizon=5)
   state, _ = fn(state, _batch(1.0))
   state, m = fn(state, _batch(10.0))
   assert int(m["spike_steps"]) == 0

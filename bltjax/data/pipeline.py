@@ -1,12 +1,12 @@
-"""The grain input pipeline: documents -> packed byte windows -> patches -> local batches.
+"""The grain input pipeline: documents -> packed rows of bytes -> patches -> local batches.
 
     per source (data.source, or each data.mixture component), per data shard:
       documents of the shard's split (random access: held-out split, [shard::shards], seeded
       shuffle per epoch; streamed JSONL/Parquet: the shard's files in a seeded order, split on
-      the fly, shuffled within windows) -> tokenize (BOS/EOS per document) -> concat-then-split
-      into windows of N + 1 bytes (documents kept whole across the stream) -> x = w[:-1],
-      y = w[1:]
-    -> mix the sources' windows by weight -> batch -> concatenate the shards' batches ->
+      the fly, shuffled in blocks of data.shuffle_window documents) -> tokenize (BOS/EOS per
+      document) -> concat-then-split into rows of N + 1 bytes (documents kept whole across the
+      stream) -> x = row[:-1], y = row[1:]
+    -> mix the sources' rows by weight -> batch -> concatenate the shards' batches ->
     patching (entropy model / space / static / byte) -> multiprocess prefetch.
 
 A shard reads only its own files (JSONL, Parquet, ArrayRecord: files[shard::shards]; stdlib and
@@ -67,9 +67,9 @@ class SplitView:
         self.source.key(i), self.eval_fraction) == self._want_eval), None)
 
 
-class WindowToExample(grain.transforms.Map):
-  """A packed window of N + 1 ids -> inputs, targets, loss mask and per-row document flags
-  (`doc_flag_counts`: documents per flag, in `flags.FLAGS` order); BPE windows (token_lm) also
+class RowToExample(grain.transforms.Map):
+  """A packed row of N + 1 ids -> inputs, targets, loss mask and per-row document flags
+  (`doc_flag_counts`: documents per flag, in `flags.FLAGS` order); BPE rows (token_lm) also
   give `target_bytes`, the text bytes of each target (0 where the mask is 0)."""
 
   def map(self, w):
@@ -168,7 +168,7 @@ def tokenized_documents(data_cfg, split: str, *, seed: int, process_index: int,
   return docs.map(documents.DocumentToTokens())
 
 
-def _windows(comp, data_cfg, split, tokenizer=None, **kw):
+def _rows(comp, data_cfg, split, tokenizer=None, **kw):
   to_tokens = documents.DocumentToTokens() if tokenizer is None else bpe.DocumentToBPE(tokenizer)
   docs = _documents(comp, data_cfg, split, **kw).map(to_tokens)
   if isinstance(docs, grain.MapDataset):
@@ -177,23 +177,23 @@ def _windows(comp, data_cfg, split, tokenizer=None, **kw):
   n = data_cfg.seq_len + 1
   lengths = {"tokens": n, "doc_flags": n} | ({"token_bytes": n} if tokenizer else {})
   it = grain.experimental.ConcatThenSplitIterDataset(docs, length_struct=lengths)
-  return it.map(WindowToExample())
+  return it.map(RowToExample())
 
 
-def packed_windows(data_cfg, split: str, *, seed: int, process_index: int, process_count: int,
+def packed_rows(data_cfg, split: str, *, seed: int, process_index: int, process_count: int,
                    shuffle: bool, num_epochs: int | None = None, source: str | None = None,
                    tokenizer: str | None = None):
-  """IterDataset of single examples (windows of data.seq_len bytes + targets) of data shard
+  """IterDataset of single examples (rows of data.seq_len bytes + targets) of data shard
   `process_index` of `process_count`: of source `source`, or of every source mixed by weight
   (a finite mixture ends when its first source does). `tokenizer`: the path of a BPE tokenizer
-  (token_lm): windows of data.seq_len BPE tokens, with their bytes (`bltjax.bpe`)."""
+  (token_lm): rows of data.seq_len BPE tokens, with their bytes (`bltjax.bpe`)."""
   comps = mixture.select(data_cfg, source)
   kw = dict(seed=seed, shard=process_index, shards=process_count, shuffle=shuffle,
             num_epochs=num_epochs, tokenizer=tokenizer)
   if len(comps) == 1:
-    return _windows(comps[0], data_cfg, split, **kw)
+    return _rows(comps[0], data_cfg, split, **kw)
   # Keyed by name: a checkpoint restores each source's position by name.
-  return grain.IterDataset.mix({c.name: _windows(c, data_cfg, split, **kw) for c in comps},
+  return grain.IterDataset.mix({c.name: _rows(c, data_cfg, split, **kw) for c in comps},
                                {c.name: c.weight for c in comps})
 
 
@@ -254,7 +254,7 @@ def make_dataset(config, split: str, *, local_batch_size: int, patch=None,
       if not tok:
         raise ValueError("token_lm: tokenizer.path is not set (bltjax.train sets it to the "
                          "tokenizer of bpe.ensure_tokenizer before reading data)")
-    parts = [packed_windows(d, split, seed=config.seed, process_index=s, process_count=total,
+    parts = [packed_rows(d, split, seed=config.seed, process_index=s, process_count=total,
                             shuffle=split == "train", num_epochs=num_epochs, source=source,
                             tokenizer=tok)
              .batch(local_batch_size // len(shards), drop_remainder=num_epochs is None)

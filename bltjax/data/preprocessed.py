@@ -14,7 +14,7 @@ Layout of DIR (a local path or a gs:// URL):
 
 SPLIT is train, eval and, for a data.mixture of several sources, eval_by_source/NAME per
 component (the per-source evaluation). Row r of shard s is row r of the online pipeline's stream
-of data shard s: `pipeline.packed_windows(config.data, split, seed=config.seed,
+of data shard s: `pipeline.packed_rows(config.data, split, seed=config.seed,
 process_index=s, process_count=T, shuffle=(split == 'train'), source=NAME or None)`. Rows per
 shard: train.steps * train.batch_size / T (train), train.eval_batches * train.batch_size / T
 (each eval split).
