@@ -302,7 +302,7 @@ def test_mixture_stores_each_sources_eval_rows(tmp_path, corpus, entropy_model):
       np.testing.assert_array_equal(online[key], stored[key])
 
 
-@pytest.mark.slow
+@pytest.mark.long  # two short training runs (~1 min): keeps the default suite under 15 min
 def test_training_on_stored_entropies_matches_online_patching(tmp_path, corpus, entropy_model):
   """The same losses and patch statistics: online host patching (entropy model in the input
   pipeline) vs stored float32 entropies cut on the accelerators (no entropy model loaded)."""
