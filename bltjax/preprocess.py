@@ -146,9 +146,9 @@ class LocalEntropies:
     self._fn = jax.jit(lambda p, t: fn(p, t).astype(dtype), in_shardings=(replicated, self.rows_sh),
                        out_shardings=self.rows_sh)
 
-  def __call__(self, tokens_CxN: np.ndarray) -> jax.Array:
+  def __call__(self, tokens_BxN: np.ndarray) -> jax.Array:
     """Asynchronous: returns before the devices finish."""
-    return self._fn(self.params, jax.device_put(tokens_CxN, self.rows_sh))
+    return self._fn(self.params, jax.device_put(tokens_BxN, self.rows_sh))
 
 
 def _chunks(config, key, s, shards, rows, chunk):

@@ -157,7 +157,8 @@ def record_bytes(seq_len: int, entropy_dtype: str) -> int:
 
 
 def encode_rows(tokens, targets, mask, doc_flag_counts, entropies, entropy_dtype: str):
-  """Rows ([R, N] arrays, counts [R, F]) -> uint8 [R, record_bytes] (one record per row)."""
+  """Rows ([B, N] arrays, flag counts [B, len(flags.NAMES)]) -> uint8 [B, record_bytes] (one
+  record per row)."""
   r, n = tokens.shape
   if not np.array_equal(tokens[:, 1:], targets[:, :-1]):
     raise ValueError("rows are not packed windows (targets are not the tokens shifted by one)")
@@ -297,7 +298,8 @@ def _open(config, split: str, process_count: int | None):
 
 def batches(config, split, *, local_batch_size, process_index, process_count, source=None):
   """IterDataset of this process's local batches: tokens, targets int32 [B, N], mask f32 [B, N],
-  doc_flag_counts int32 [B, F], entropies f32 [B, N]; the online pipeline's batches row for row.
+  doc_flag_counts int32 [B, len(flags.NAMES)], entropies f32 [B, N]; the online pipeline's
+  batches row for row.
 
   This process reads `pipeline.data_shards(config.data, ...)`, each shard's rows in order,
   local_batch_size / len(shards) rows per shard per batch, concatenated in shard order. After the
