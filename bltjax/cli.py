@@ -96,7 +96,7 @@ def _fail(e: BaseException, *, verbose: bool, expected: tuple):
   if verbose or not isinstance(e, expected):
     traceback.print_exception(e)
   if isinstance(e, expected):
-    sys.stderr.write(f"error: {message(e)}\n")
+    _leave(1, last_line=f"error: {message(e)}")
   _leave(1)
 
 
@@ -125,8 +125,9 @@ def _flush():
   sys.stderr.flush()
 
 
-def _leave(code: int):
-  """Exits with `code` now, without aborting on the way out.
+def _leave(code: int, last_line: str | None = None):
+  """Exits with `code` now, without aborting on the way out; `last_line` (the error) is the last
+  thing printed.
 
   Python's shutdown stops the threads still running (the input pipeline's prefetch thread,
   grain's threads, Orbax's, the metrics uploader) wherever they are when they next take the
@@ -137,6 +138,10 @@ def _leave(code: int):
   moment to end, stop the worker processes and thread pools as multiprocessing would at exit,
   and if threads still run, leave with os._exit (output flushed first; grain workers end with
   us, see bltjax.data.workers). Otherwise the usual shutdown runs.
+
+  Threads that fail with the main thread (Orbax's writers on a full disk) log their own errors
+  as they end: that happens before `last_line`, and anything they would log after it is
+  dropped, so that the one line that says what to do is where a user looks.
   """
   _flush()
   if _other_threads():
@@ -144,8 +149,13 @@ def _leave(code: int):
   if _other_threads():
     _stop_children()
     _join_others(GRACE_S)  # the pools' threads end once told to
-  if _other_threads():
+  if last_line is not None:
+    logging.disable(logging.CRITICAL)  # absl's and Orbax's loggers, from any thread
+    threading.excepthook = sys.excepthook = lambda *args: None  # tracebacks of dying threads
     _flush()
+    sys.stderr.write(last_line + "\n")
+  _flush()
+  if _other_threads():
     os._exit(code)
   sys.exit(code)
 

@@ -191,3 +191,36 @@ def test_one_line_messages():
   assert cli.message(wrapped) == \
       "flag --config=x.py:bogus: ValueError: unknown config argument 'bogus'"
   assert cli.message(FileNotFoundError("gs://b/x: nothing there")) == "gs://b/x: nothing there"
+
+
+_DYING_THREADS = '''
+import logging, threading, time
+from bltjax import cli
+
+def writer(delay):  # a background writer that fails with the main thread and logs it, late
+  time.sleep(delay)
+  try:
+    raise ValueError(f"RESOURCE_EXHAUSTED: writer {delay}")
+  except ValueError:
+    logging.exception("writer %s failed", delay)
+  raise RuntimeError(f"writer {delay} gives up")  # and its traceback goes to threading.excepthook
+
+def main(argv):
+  for delay in (0.3, 1.5, 30):  # within the grace, after it, long after the exit
+    threading.Thread(target=writer, args=(delay,), daemon=True).start()
+  raise OSError("/mnt/wd/checkpoints/4: No space left on device")
+
+cli.run(main)
+'''
+
+
+def test_the_error_is_the_last_line_whatever_dying_threads_log(tmp_path):
+  script = tmp_path / "prog.py"
+  script.write_text(_DYING_THREADS)
+  result = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ, PYTHONPATH=REPO))
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 1, result.stderr
+  assert lines[-1] == "error: /mnt/wd/checkpoints/4: No space left on device", result.stderr
+  assert "writer 0.3 failed" in result.stderr  # what ended in time is still shown, before it
+  assert "writer 30" not in result.stderr
