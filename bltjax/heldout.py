@@ -18,6 +18,7 @@ import logging
 import math
 
 import jax
+import numpy as np
 
 from bltjax import configs, storage
 from bltjax.data import paths as paths_lib, pipeline
@@ -130,6 +131,12 @@ class Evaluator:
       out[f"eval/{name}/bpb"] = ce / count / math.log(2.0)
       out[f"eval/{name}/loss"] = ce / count
     return out
+
+  def first_rows(self) -> list:
+    """Row 0 of the first batch of the eval split's sources, then of each eval set: token
+    arrays [N], as loaded by the first evaluation (none before it)."""
+    groups = [*(self._split or {}).values(), *(self._sets or {}).values()]
+    return [np.asarray(batches[0]["tokens"])[0] for batches in groups if batches]
 
   def report(self, step: int, params, writer, progress):
     """Evaluates `params` at `step` and reports it: the metrics (metrics.MetricWriter), the

@@ -207,14 +207,11 @@ def training_figure_png(entropy_params, entropy_cfg, patching_cfg, text, *,
 def eval_snippet(evaluator, max_bytes: int = SNIPPET_BYTES) -> bytes:
   """The first bytes of the first held-out document of a `heldout.Evaluator` that has
   evaluated (row 0 of its first batch, up to an EOS), else SNIPPET."""
-  for group in (getattr(evaluator, "_split", None) or {}, getattr(evaluator, "_sets", None) or {}):
-    for batches in group.values():
-      if batches:
-        row = np.asarray(batches[0]["tokens"])[0]
-        eos = np.flatnonzero(row[1:] == tokenizer.EOS_ID)
-        data = tokenizer.decode_bytes(row[:eos[0] + 1] if len(eos) else row)[:max_bytes]
-        if data:
-          return data
+  for row in evaluator.first_rows():
+    eos = np.flatnonzero(row[1:] == tokenizer.EOS_ID)
+    data = tokenizer.decode_bytes(row[:eos[0] + 1] if len(eos) else row)[:max_bytes]
+    if data:
+      return data
   return SNIPPET
 
 

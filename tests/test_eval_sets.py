@@ -117,9 +117,13 @@ def test_eval_sets_without_a_held_out_split(corpus):
   cfg = tiny_config(corpus, both_sets(corpus))
   cfg.data.eval_fraction = 0.0
   configs.validate(cfg, 8)
-  out = _fake_evaluator(cfg)(None)
+  evaluator = _fake_evaluator(cfg)
+  assert evaluator.first_rows() == []  # nothing loaded before the first evaluation
+  out = evaluator(None)
   assert sorted(out) == ["eval/other/bpb", "eval/other/loss", "eval/same/bpb", "eval/same/loss"]
   assert out["eval/same/bpb"] != out["eval/other/bpb"]
+  rows = evaluator.first_rows()  # one per eval set, row 0 of its first batch (what plot shows)
+  assert len(rows) == 2 and all(r.shape == (cfg.data.seq_len,) for r in rows)
   cfg.train.eval_sets = {}
   with pytest.raises(ValueError, match="train.eval_batches > 0 needs data.eval_fraction > 0"):
     configs.validate(cfg, 8)
