@@ -4,7 +4,7 @@
                             [--only=name,name]
 
 Every run of the config's `runs` table trains for the same training-FLOP budget
-(`bltjax.flops`: a multiply-add is 2 FLOPs, backward = 2x forward, per *byte* of text) on the
+(`bltjax.train.flops`: a multiply-add is 2 FLOPs, backward = 2x forward, per *byte* of text) on the
 same data, and is evaluated on the same held-out documents. A run's steps are the budget over its
 FLOPs per step, planned from its measured bytes per patch (BLTs: the run's own patching of
 training rows, with the entropy threshold calibrated first) or bytes per token (the BPE
@@ -25,19 +25,21 @@ import logging
 import math
 import time
 
-from bltjax import xla_flags
+from bltjax.runtime import process_setup
 
 if __name__ == "__main__":
-  xla_flags.reexec_with_malloc_tuning()  # glibc malloc settings; see bltjax/xla_flags.py
-xla_flags.set_defaults()  # before JAX initialises a backend
+  process_setup.reexec_with_malloc_tuning()  # glibc malloc settings; see bltjax/runtime/process_setup.py
+process_setup.set_defaults()  # before JAX initialises a backend
 
 from etils import epath  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bltjax import batch as batch_lib  # noqa: E402
-from bltjax import configs, flops, metrics, patcher, plot, storage, train  # noqa: E402
+from bltjax import plot  # noqa: E402
 from bltjax.data import pipeline  # noqa: E402
+from bltjax.runtime import storage  # noqa: E402
+from bltjax.train import (batch as batch_lib, experiment, flops, metrics, patcher,  # noqa: E402
+                          trainer)
 
 PLAN_FILE = "ablation.json"
 ENTROPY_DIR = "entropy_model"
@@ -61,7 +63,7 @@ def check(ablation, only=None) -> list[str]:
     raise ValueError(f"budget={ablation.budget!r} must be a positive number of training FLOPs")
   for name in names:
     try:
-      configs.validate(run_config(ablation, name), jax.device_count())
+      experiment.validate(run_config(ablation, name), jax.device_count())
     except ValueError as e:
       raise ValueError(f"runs.{name}: {e}") from None
   return names
@@ -84,12 +86,12 @@ def flops_per_byte(config, entropy_checkpoint: str | None) -> tuple[float, dict]
   BLT: from the run's own patching of its first training rows (for entropy patching with no
   threshold, the threshold is calibrated as the trainer calibrates it and then fixed in the
   plan, so that the run cuts the patches it was planned with)."""
-  m = configs.model_config(config)
+  m = experiment.model_config(config)
   n = config.data.seq_len
   if config.model_type == "entropy_model":
     return flops.lm_flops_per_byte(m, n), dict(bytes_per_unit=1.0)
   if config.model_type == "token_lm":
-    from bltjax import bpe
+    from bltjax.data import bpe
     bpt = bpe.mean_bytes_per_token(config, config.tokenizer.path, config.tokenizer.train_bytes)
     return (flops.token_lm_flops_per_byte(m, n, bpt), dict(bytes_per_unit=bpt))
   setup = patcher.setup(config, entropy_checkpoint, None)
@@ -152,7 +154,7 @@ def _write_plan(workdir: str, plan: dict):
 
 
 def _needs_entropy_model(config) -> bool:
-  return config.model_type == "blt" and configs.needs_entropy_stage(config)
+  return config.model_type == "blt" and experiment.needs_entropy_stage(config)
 
 
 def entropy_model(ablation, root: str, names: list[str]) -> str | None:
@@ -161,9 +163,9 @@ def entropy_model(ablation, root: str, names: list[str]) -> str | None:
   if not users:
     return None
   path = storage.join(root, ENTROPY_DIR)
-  stage = configs.entropy_stage_config(ablation.runs[users[0]])
+  stage = experiment.entropy_stage_config(ablation.runs[users[0]])
   t0 = time.perf_counter()
-  train.run(stage, path)  # returns at once when already trained to its steps
+  trainer.run(stage, path)  # returns at once when already trained to its steps
   logging.info("ablate: entropy model %s ready (%.0fs)", path, time.perf_counter() - t0)
   return path
 
@@ -181,7 +183,7 @@ def plan_run(ablation, name: str, root: str, budget: float, entropy_ckpt: str | 
   if _needs_entropy_model(config):
     config.patching.entropy_model_checkpoint = entropy_ckpt
   if config.model_type == "token_lm":
-    from bltjax import bpe
+    from bltjax.data import bpe
     config.tokenizer.path = bpe.ensure_tokenizer(config, workdir)
   if stored is None:
     fpb, plan = flops_per_byte(config, entropy_ckpt)
@@ -217,7 +219,7 @@ def run(ablation, root: str, *, budget: float | None = None, only=None) -> list[
                  plan["planned_flops"], budget)
     t0 = time.perf_counter()
     try:
-      train.run(config, workdir)
+      trainer.run(config, workdir)
     finally:  # an interrupted run's time counts when it resumes
       plan["wall_s"] += time.perf_counter() - t0
       _write_plan(workdir, plan)
@@ -258,7 +260,7 @@ def write_results(rows: list[dict], root: str, budget: float, entropy_ckpt: str 
   writer.writeheader()
   writer.writerows(rows)
   (epath.Path(root) / "results.csv").write_text(buf.getvalue())
-  lines = [f"Training budget: {budget:.3g} FLOPs per run (bltjax.flops accounting).", "",
+  lines = [f"Training budget: {budget:.3g} FLOPs per run (bltjax.train.flops accounting).", "",
            "| run | what | held-out bpb | training FLOPs (vs budget) | bytes seen | bytes/patch "
            "| steps | wall |", "|---|---|---|---|---|---|---|---|"]
   for r in sorted(rows, key=lambda r: r["eval_bpb"]):
@@ -297,7 +299,7 @@ if __name__ == "__main__":
   from absl import flags
   from ml_collections import config_flags
 
-  from bltjax import cli, logs
+  from bltjax.runtime import cli, logs
   config_flags.DEFINE_config_file("config", None, "The ablation config, e.g. "
                                   "experiments/ablation.py (override with --config.a.b=c).")
   flags.DEFINE_string("root", None, "Where the runs' workdirs and the results go "

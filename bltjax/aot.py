@@ -122,11 +122,12 @@ class _CaptureStderr:
 
 def compile_report(config, topology: str, mfu: float, bytes_per_patch: float) -> dict:
   import jax
-  from bltjax import batch as batch_lib
-  from bltjax import compile_steps, configs, flops, optim, sharding, step as step_lib
-  from bltjax import train_state as ts
+  from bltjax.train import batch as batch_lib
+  from bltjax.train import step as step_lib, experiment, flops, optim
+  from bltjax.runtime import sharding
+  from bltjax.train import train_state as ts
   devices, kind, hbm = topology_devices(topology)
-  cfg, _ = configs.validate(config, len(devices))  # the frozen model config
+  cfg, _ = experiment.validate(config, len(devices))  # the frozen model config
   mesh = sharding.make_mesh(config.mesh.shape, devices=devices)
   model = ts.build_model(config, cfg)
   optimizer = optim.make_optimizer(config.optim, config.train.steps)
@@ -138,10 +139,10 @@ def compile_report(config, topology: str, mfu: float, bytes_per_patch: float) ->
            for k, v in spec.items()}
   report = dict(topology=topology, devices=len(devices), mesh=dict(mesh.shape), hbm=hbm)
   with sharding.mesh_context(mesh), _CaptureStderr() as log:
-    lowered, _ = compile_steps.lower_steps(
+    lowered, _ = step_lib.lower_steps(
         abstract, batch, loss_fn=step_lib.make_loss_fn(config, model), optimizer=optimizer,
-        shardings=compile_steps.StepShardings(mesh, state_sh, batch_sh),
-        **compile_steps.train_options(config))
+        shardings=step_lib.StepShardings(mesh, state_sh, batch_sh),
+        **step_lib.train_options(config))
     try:
       compiled = lowered.compile()
       report["error"] = None
@@ -180,14 +181,14 @@ def patching_report(config, mesh) -> dict:
   """Compiles accelerator patching (the entropy model of `config.entropy_model` + the cut) on
   the same mesh: per-device memory, and its FLOPs per byte."""
   import math
-  from bltjax import batch as batch_lib
-  from bltjax import configs, flops, patcher
-  from bltjax.model.entropy_model import EntropyModel
-  stage = configs.entropy_stage_config(config)
-  ent_cfg = configs.model_config(stage)
-  model = EntropyModel(ent_cfg) if config.patching.mode == "entropy" else None
+  from bltjax.train import batch as batch_lib
+  from bltjax.train import experiment, flops, patcher
+  from bltjax.model.lm import TransformerLM
+  stage = experiment.entropy_stage_config(config)
+  ent_cfg = experiment.model_config(stage)
+  model = TransformerLM(ent_cfg) if config.patching.mode == "entropy" else None
   specs = batch_lib.input_spec(config, config.train.batch_size, with_entropies=False)
-  pc = configs.patching_config(config, threshold=0.0)  # the value does not change the program
+  pc = experiment.patching_config(config, threshold=0.0)  # the value does not change the program
   lowered, _, _ = patcher.lower(model, pc, config.patching.max_patches, mesh, specs)
   per_device = len(mesh.devices.flat)
   r = dict(batch=sum(math.prod(v.shape) * v.dtype.itemsize for v in specs.values()) // per_device)
@@ -242,7 +243,7 @@ def print_report(r: dict, mfu: float):
 
 def main(argv):
   del argv
-  from bltjax import logs
+  from bltjax.runtime import logs
   logs.quiet_libraries()
   f = flags.FLAGS
   r = compile_report(f.config, f.topology, f.mfu, f.bytes_per_patch)
@@ -253,7 +254,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from bltjax import cli
+  from bltjax.runtime import cli
   _define_flags()
   flags.mark_flags_as_required(["config", "topology"])
   cli.run(main)  # errors as one line (--verbose: traceback), exit 1

@@ -20,24 +20,25 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from bltjax import xla_flags
+from bltjax.runtime import process_setup
 
 if __name__ == "__main__":
-  xla_flags.reexec_with_malloc_tuning()  # glibc malloc settings; see bltjax/xla_flags.py
-xla_flags.set_defaults()
+  process_setup.reexec_with_malloc_tuning()  # glibc malloc settings; see bltjax/runtime/process_setup.py
+process_setup.set_defaults()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from bltjax import compile_steps, hf_config, patching, sharding, tokenizer  # noqa: E402
-from bltjax import step as step_lib  # noqa: E402
-from bltjax import train_state as ts  # noqa: E402
 from bltjax.data import sources  # noqa: E402
+from bltjax.interop import hf_config  # noqa: E402
+from bltjax.model import patching, tokenizer  # noqa: E402
 from bltjax.model.blt import ByteLatentTransformer  # noqa: E402
 from bltjax.model.config import (BLTConfig, PatchingConfig, RuntimeConfig,  # noqa: E402
                                  TransformerConfig, swiglu_hidden_dim)
+from bltjax.runtime import sharding  # noqa: E402
+from bltjax.train import step as step_lib, train_state as ts  # noqa: E402
 
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 1024, "bytes per row")
 _BATCH = flags.DEFINE_integer("batch", 4, "rows per step")
@@ -104,7 +105,7 @@ class JaxStep:
     self.batch = dict(tokens=jnp.asarray(tokens), targets=jnp.asarray(targets),
                       mask=jnp.ones(tokens.shape, jnp.float32),
                       patch_lengths=jnp.asarray(lengths))
-    lowered, _ = compile_steps.lower_steps(self.state, self.batch, loss_fn=loss_fn, optimizer=opt,
+    lowered, _ = step_lib.lower_steps(self.state, self.batch, loss_fn=loss_fn, optimizer=opt,
                                            lr_fn=lambda s: 1e-4, microbatches=1)
     self.fn = lowered.compile()
     self()  # warm-up
@@ -226,17 +227,18 @@ _NEW_BYTES = flags.DEFINE_integer("new_bytes", 1024, "generate: bytes to generat
 def _debug_model():
   """experiments/debug.py's BLT and entropy model, random init, threshold at the median entropy."""
   import os
-  from bltjax import BLT, configs
-  from bltjax.model.config import EntropyModelConfig
-  from bltjax.model.entropy_model import EntropyModel
-  cfg = configs.load(os.path.join(os.path.dirname(__file__), "..", "experiments", "debug.py"))
+  from bltjax import BLT
+  from bltjax.train import experiment
+  from bltjax.model.config import LMConfig
+  from bltjax.model.lm import TransformerLM
+  cfg = experiment.load(os.path.join(os.path.dirname(__file__), "..", "experiments", "debug.py"))
   runtime = RuntimeConfig.for_inference("float32")
   model = BLTConfig.from_dict(dict(cfg.model.to_dict(), runtime=runtime))
-  ent = EntropyModelConfig.from_dict(dict(cfg.entropy_model.model.to_dict(), runtime=runtime))
+  ent = LMConfig.from_dict(dict(cfg.entropy_model.model.to_dict(), runtime=runtime))
   tokens, _, _ = real_batch(2, 256)
   params = sharding.unbox(jax.jit(ByteLatentTransformer(model).init)(
       jax.random.key(0), tokens, np.ones((2, 257), np.int32))["params"])
-  eparams = sharding.unbox(jax.jit(EntropyModel(ent).init)(jax.random.key(1), tokens)["params"])
+  eparams = sharding.unbox(jax.jit(TransformerLM(ent).init)(jax.random.key(1), tokens)["params"])
   byte = PatchingConfig("byte", None, None, False, None, None)
   threshold = float(np.quantile(BLT(model, params, patching_cfg=byte, entropy_cfg=ent,
                                     entropy_params=eparams).entropies(tokens), 1 - 1 / 3))
@@ -246,7 +248,8 @@ def _debug_model():
 
 
 def bench_generate():
-  from bltjax import BLT, generate as gen_lib
+  from bltjax import BLT
+  from bltjax.inference import generator as gen_lib
   blt = BLT.load(_CHECKPOINT.value) if _CHECKPOINT.value else _debug_model()
   new = _NEW_BYTES.value
   prompt = [b"def main(argv):\n  "]
@@ -305,14 +308,14 @@ _HOSTS = (("tpu v5p", 4), ("tpu v6e", 8), ("nvidia h100", 8))
 def _pipeline_worker():
   """Child process pinned to one core: host entropy patching bytes/s (a grain worker's job)."""
   os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-  from bltjax import configs, patcher
-  from bltjax.model.config import EntropyModelConfig
-  from bltjax.model.entropy_model import EntropyModel
-  c = configs.load(_CONFIGS.value[0])
-  ecfg = EntropyModelConfig.from_dict(dict(c.entropy_model.model.to_dict(),
+  from bltjax.train import experiment, patcher
+  from bltjax.model.config import LMConfig
+  from bltjax.model.lm import TransformerLM
+  c = experiment.load(_CONFIGS.value[0])
+  ecfg = LMConfig.from_dict(dict(c.entropy_model.model.to_dict(),
                                            runtime=RuntimeConfig.for_inference("float32")))
   tokens, _, _ = real_batch(2, _ROW_BYTES.value)
-  model = EntropyModel(ecfg)
+  model = TransformerLM(ecfg)
   params = sharding.unbox(jax.jit(model.init)(jax.random.key(0), tokens)["params"])
   pc = PatchingConfig("entropy", 1.335442066192627, None, False, None, None)
   ent = patcher.entropies_fn(model)
@@ -328,21 +331,22 @@ def bench_pipeline():
   per core (read + pack + hash + batch), plus its start-up time and memory."""
   import subprocess
   import sys
-  from bltjax import bench_data, configs, flops as flops_lib
+  from bltjax import bench_data
+  from bltjax.train import experiment, flops as flops_lib
   out = subprocess.run([sys.executable, "-m", "bltjax.bench", "_pipeline",
                         f"--configs={_CONFIGS.value[0]}", f"--row_bytes={_ROW_BYTES.value}"],
                        check=True, capture_output=True, text=True).stdout
   patch_core = float([line for line in out.splitlines() if line.startswith("@")][0][1:])
-  first = configs.load(_CONFIGS.value[0])
+  first = experiment.load(_CONFIGS.value[0])
   host_core = bench_data.bench_host_pipeline(seq_len=first.data.seq_len)
   print(f"\nper host CPU core: host entropy patching {patch_core:,.0f} bytes/s (the released "
         f"100M model, fp32); host pipeline without the model (read + pack + hash + batch) "
         f"{host_core:,.0f} bytes/s")
   for path in _CONFIGS.value:
-    c = configs.load(path)
-    step_fpb = flops_lib.blt_flops_per_byte(configs.model_config(c), c.data.seq_len,
+    c = experiment.load(path)
+    step_fpb = flops_lib.blt_flops_per_byte(experiment.model_config(c), c.data.seq_len,
                                             4.5)["total"]
-    ent_cfg = configs.model_config(configs.entropy_stage_config(c))
+    ent_cfg = experiment.model_config(experiment.entropy_stage_config(c))
     ent_fpb = flops_lib.lm_flops_per_byte(ent_cfg, c.data.seq_len, training=False)
     print(f"\n{path}: step {step_fpb / 1e9:.2f} GFLOP/byte, entropy model forward "
           f"{ent_fpb / 1e9:.3f} GFLOP/byte = {100 * ent_fpb / step_fpb:.1f}% of the step")
@@ -363,10 +367,11 @@ _COMPRESS_CONFIG = config_flags.DEFINE_config_file(
 
 
 def bench_compress():
-  from bltjax import bench_compress, configs
+  from bltjax import bench_compress
+  from bltjax.train import experiment
   if _COMPRESS_CONFIG.value is None:
     path = os.path.join(os.path.dirname(__file__), "..", "experiments", "debug.py")
-    config, name = configs.load(path), "experiments/debug.py"
+    config, name = experiment.load(path), "experiments/debug.py"
   else:
     config, name = _COMPRESS_CONFIG.value, flags.FLAGS["config"].config_filename
   bench_compress.main(config, f"{name}: ")
@@ -382,5 +387,5 @@ COMMANDS = {"train": bench_train, "generate": bench_generate, "pipeline": bench_
             "compress": bench_compress, "_port": port_worker, "_pipeline": _pipeline_worker}
 
 if __name__ == "__main__":
-  from bltjax import cli
+  from bltjax.runtime import cli
   cli.run(main)  # errors as one line (--verbose: traceback), exit 1

@@ -1,7 +1,7 @@
 """General-purpose compressors on the held-out bytes the trainer evaluates on:
 `python -m bltjax.bench compress [--config=experiments/debug.py]`.
 
-The trainer's `eval_bpb` (bltjax.heldout.Evaluator) covers the first `train.eval_batches` batches
+The trainer's `eval_bpb` (bltjax.train.heldout.Evaluator) covers the first `train.eval_batches` batches
 of the eval split: per data shard, the shard's held-out documents in order (unshuffled, cycled
 when short), each tokenized as BOS + bytes + EOS, concatenated and split into windows of
 data.seq_len + 1 ids (bltjax.data.pipeline.packed_rows). So those batches cover exactly the
@@ -29,8 +29,9 @@ import lzma
 
 import numpy as np
 
-from bltjax import tokenizer
 from bltjax.data import pipeline
+from bltjax.data import shards as shards_lib
+from bltjax.model import tokenizer
 
 
 def _gzip(data: bytes) -> bytes:
@@ -85,7 +86,7 @@ def _shards(config):
   """(shard index, shard count, rows per batch from this shard), as the evaluator of process 0
   of a single-process run reads them."""
   d, rows = config.data, config.train.batch_size
-  shards = pipeline.data_shards(d, 0, 1)
+  shards = shards_lib.data_shards(d, 0, 1)
   if rows % len(shards):
     raise ValueError(f"train.batch_size={rows} does not split over {len(shards)} data shards")
   return [(s, d.shards or 1, rows // len(shards)) for s in shards]
@@ -101,7 +102,7 @@ def covered_documents(config) -> list[Doc]:
   for source in _sources(config):
     for shard, total, rows in _shards(config):
       need = config.train.eval_batches * rows * n
-      docs = pipeline.tokenized_documents(config.data, "eval", seed=config.seed,
+      docs = shards_lib.tokenized_documents(config.data, "eval", seed=config.seed,
                                           process_index=shard, process_count=total,
                                           shuffle=False, num_epochs=None, source=source)
       for doc in docs:
@@ -119,7 +120,7 @@ def eval_split_documents(config) -> list[Doc]:
   out = []
   for source in _sources(config):
     for shard, total, _ in _shards(config):
-      docs = pipeline.tokenized_documents(config.data, "eval", seed=config.seed,
+      docs = shards_lib.tokenized_documents(config.data, "eval", seed=config.seed,
                                           process_index=shard, process_count=total,
                                           shuffle=False, num_epochs=1, source=source)
       out += [Doc(shard, np.asarray(d["tokens"]), len(d["tokens"])) for d in docs]

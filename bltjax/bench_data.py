@@ -183,7 +183,7 @@ def main(args):
 
 if __name__ == "__main__":
   from absl.flags import argparse_flags
-  from bltjax import cli
+  from bltjax.runtime import cli
 
   def _parse(argv):  # argparse, plus absl's own flags (--verbose, --verbosity)
     parser = argparse_flags.ArgumentParser()

@@ -19,9 +19,9 @@ patching.entropy_model_checkpoint says otherwise). Every path may be local or gs
 
 from absl import flags, logging
 
-from bltjax import xla_flags
+from bltjax.runtime import process_setup
 
-xla_flags.set_defaults()
+process_setup.set_defaults()
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face BLT checkpoint directory.")
 _META_DIR = flags.DEFINE_string("meta_dir", None, "Meta BLT checkpoint directory (hub or "
@@ -34,7 +34,8 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Paramet
 
 def main(argv):
   del argv
-  from bltjax import BLT, logs, storage
+  from bltjax import BLT
+  from bltjax.runtime import logs, storage
   logs.quiet_libraries()
   if (_HF_DIR.value is None) == (_META_DIR.value is None):
     raise ValueError("pass exactly one of --hf_dir and --meta_dir")
@@ -55,6 +56,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from bltjax import cli
+  from bltjax.runtime import cli
   flags.mark_flags_as_required(["out"])
   cli.run(main)  # errors as one line (--verbose: traceback), exit 1

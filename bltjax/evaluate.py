@@ -10,7 +10,7 @@ gs://). Tasks are lm-eval's (their datasets are downloaded from the Hugging Face
 when first used) or YAML tasks under --include_path. Prints lm-eval's results table and writes
 the results JSON to --output_path (a file, or a directory for results.json; local or gs://).
 Lengths are in bytes: max_gen_toks of generation tasks counts bytes, and a request longer than
-the model's context is an error unless --truncate_context (see bltjax.harness).
+the model's context is an error unless --truncate_context (see bltjax.inference.harness).
 """
 
 import json
@@ -76,13 +76,13 @@ def results_file(output_path: str) -> epath.Path:
 
 def main(argv):
   del argv
-  from bltjax import logs, storage  # pylint: disable=import-outside-toplevel
+  from bltjax.runtime import logs, storage  # pylint: disable=import-outside-toplevel
   logs.quiet_libraries()
   try:
     simple_evaluate, TaskManager, make_table = import_lm_eval()  # noqa: N806
   except ImportError as e:
-    raise ValueError(str(e)) from e.__cause__  # one line (bltjax.cli)
-  from bltjax import harness  # pylint: disable=import-outside-toplevel
+    raise ValueError(str(e)) from e.__cause__  # one line (bltjax.runtime.cli)
+  from bltjax.inference import harness  # pylint: disable=import-outside-toplevel
   tasks = [t for t in FLAGS.tasks if t]
   if not tasks:
     raise ValueError("--tasks names no task")
@@ -122,7 +122,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from bltjax import cli, xla_flags  # pylint: disable=ungrouped-imports
-  xla_flags.set_defaults()
+  from bltjax.runtime import cli, process_setup  # pylint: disable=ungrouped-imports
+  process_setup.set_defaults()
   define_flags()
   cli.run(main)  # errors as one line (--verbose: traceback), exit 1

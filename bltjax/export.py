@@ -8,9 +8,9 @@ model.safetensors for `transformers`' BltForCausalLM (entropy model included as 
 
 from absl import flags, logging
 
-from bltjax import xla_flags
+from bltjax.runtime import process_setup
 
-xla_flags.set_defaults()
+process_setup.set_defaults()
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (latest checkpoint) or an "
                                "exported/converted directory.")
@@ -21,7 +21,8 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Paramet
 
 def main(argv):
   del argv
-  from bltjax import BLT, logs, storage
+  from bltjax import BLT
+  from bltjax.runtime import logs, storage
   logs.quiet_libraries()
   storage.check_access(_WORKDIR.value)  # both fail here, before the model is loaded
   storage.check_access(_OUT.value, write=True)
@@ -32,6 +33,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from bltjax import cli
+  from bltjax.runtime import cli
   flags.mark_flags_as_required(["workdir", "out"])
   cli.run(main)  # errors as one line (--verbose: traceback), exit 1

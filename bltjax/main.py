@@ -1,21 +1,21 @@
 """Entry point: `python -m bltjax.main --config=experiments/debug.py [--workdir=DIR]`.
 
-Kept thin on purpose: flags, multi-host initialisation, then a library call (`bltjax.train.run`),
+Kept thin on purpose: flags, multi-host initialisation, then a library call (`bltjax.train.trainer.run`),
 which Colab notebooks and tests call directly.
 """
 
 import os
 
-from bltjax import xla_flags
+from bltjax.runtime import process_setup
 
 if __name__ == "__main__":
-  xla_flags.reexec_with_malloc_tuning()  # glibc malloc settings; see bltjax/xla_flags.py
-xla_flags.set_defaults()  # before JAX initialises a backend
+  process_setup.reexec_with_malloc_tuning()  # glibc malloc settings; see bltjax/runtime/process_setup.py
+process_setup.set_defaults()  # before JAX initialises a backend
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from bltjax import cli, distributed, logs, storage  # noqa: E402
+from bltjax.runtime import cli, distributed, logs, storage  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. experiments/debug.py or experiments/1b.py:tiny; "
@@ -35,13 +35,13 @@ def main(argv):
   distributed.initialize()
   if distributed.process_index() > 0:
     logging.set_verbosity(logging.WARNING)  # process 0 logs for everyone
-  from bltjax import train  # after jax.distributed.initialize, before any other JAX use
+  from bltjax.train import trainer  # after jax.distributed.initialize, before any other JAX use
   workdir = _WORKDIR.value or os.path.join(
       "workdir", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
   logging.info("workdir: %s", storage.abspath(workdir))  # gs:// URLs stay URLs
   try:
-    train.run(_CONFIG.value, workdir, force_unlock=_FORCE_UNLOCK.value)
-  except train.Preempted as e:
+    trainer.run(_CONFIG.value, workdir, force_unlock=_FORCE_UNLOCK.value)
+  except trainer.Preempted as e:
     logging.warning("%s; re-run the same command to resume", e)
 
 

@@ -22,7 +22,9 @@ import math
 import numpy as np
 from etils import epath
 
-from bltjax import metrics, patching, storage, tokenizer
+from bltjax.model import patching, tokenizer
+from bltjax.runtime import storage
+from bltjax.train import metrics
 
 MISSING = 'plotting needs matplotlib: pip install "bltjax[plot]"'
 DPI = 100
@@ -189,9 +191,9 @@ def draw_entropy(data: dict, out=None, *, title: str | None = None):
 @functools.lru_cache(maxsize=4)
 def _entropies_fn(entropy_cfg):
   import jax
-  from bltjax import patcher
-  from bltjax.model.entropy_model import EntropyModel
-  return jax.jit(patcher.entropies_fn(EntropyModel(entropy_cfg)))
+  from bltjax.train import patcher
+  from bltjax.model.lm import TransformerLM
+  return jax.jit(patcher.entropies_fn(TransformerLM(entropy_cfg)))
 
 
 def training_figure_png(entropy_params, entropy_cfg, patching_cfg, text, *,
@@ -216,11 +218,11 @@ def eval_snippet(evaluator, max_bytes: int = SNIPPET_BYTES) -> bytes:
 
 
 class TrainingFigure:
-  """Logs the entropy figure of a held-out snippet at each evaluation (`bltjax.train`), with the
+  """Logs the entropy figure of a held-out snippet at each evaluation (`bltjax.train.trainer`), with the
   run's frozen entropy model and patching: one forward over <= SNIPPET_BYTES bytes, on the host
   CPU where JAX has one. Never fails the run."""
 
-  def __init__(self, patching_):  # a bltjax.patcher.Patching with an entropy model
+  def __init__(self, patching_):  # a bltjax.train.patcher.Patching with an entropy model
     self.patching, self.params, self.off = patching_, None, False
 
   @classmethod
@@ -240,10 +242,10 @@ class TrainingFigure:
       return
     try:
       if self.params is None:
-        from bltjax import patcher
-        from bltjax.model.config import EntropyModelConfig
+        from bltjax.train import patcher
+        from bltjax.model.config import LMConfig
         _, params = patcher.load_entropy_model(self.patching.entropy)
-        self.cfg = EntropyModelConfig.from_dict(self.patching.entropy.model)
+        self.cfg = LMConfig.from_dict(self.patching.entropy.model)
         try:
           device = jax.local_devices(backend="cpu")[0]
         except RuntimeError:  # JAX_PLATFORMS without cpu
@@ -359,13 +361,13 @@ def define_flags():
 
 def main(argv):
   from absl import app, flags
-  from bltjax import logs
+  from bltjax.runtime import logs
   logs.quiet_libraries()
   f = flags.FLAGS
   if len(argv) != 2 or argv[1] not in ("entropy", "curves"):
     raise app.UsageError(f"usage: python -m bltjax.plot entropy|curves --flags (got {argv[1:]})")
   if not have_matplotlib():
-    raise ValueError(MISSING)  # one line (bltjax.cli)
+    raise ValueError(MISSING)  # one line (bltjax.runtime.cli)
   if argv[1] == "entropy":
     if not f.checkpoint or (f.text is None) == (f.text_file is None):
       raise app.UsageError("entropy needs --checkpoint and one of --text, --text_file")
@@ -389,7 +391,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from bltjax import cli, xla_flags
-  xla_flags.set_defaults()
+  from bltjax.runtime import cli, process_setup
+  process_setup.set_defaults()
   define_flags()
   cli.run(main)  # errors as one line (--verbose: traceback), exit 1

@@ -34,21 +34,22 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-from bltjax import xla_flags
+from bltjax.runtime import process_setup
 
 if __name__ == "__main__":
-  xla_flags.reexec_with_malloc_tuning()  # glibc malloc settings; see bltjax/xla_flags.py
-xla_flags.set_defaults()
+  process_setup.reexec_with_malloc_tuning()  # glibc malloc settings; see bltjax/runtime/process_setup.py
+process_setup.set_defaults()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
-from bltjax import checkpoint, configs, logs, patcher, storage, workdir_lock  # noqa: E402
-from bltjax.data import pipeline  # noqa: E402
-from bltjax.data import preprocessed as pre  # noqa: E402
-from bltjax.model.config import EntropyModelConfig  # noqa: E402
-from bltjax.model.entropy_model import EntropyModel  # noqa: E402
+from bltjax.checkpoint import checkpointer, workdir_lock  # noqa: E402
+from bltjax.data import pipeline, preprocessed as pre  # noqa: E402
+from bltjax.model.config import LMConfig  # noqa: E402
+from bltjax.model.lm import TransformerLM  # noqa: E402
+from bltjax.runtime import logs, storage  # noqa: E402
+from bltjax.train import experiment, patcher  # noqa: E402
 
 ROWS_PER_DEVICE = 8
 BARRIER_TIMEOUT_S = 7 * 24 * 3600  # processes may finish their shards hours apart
@@ -57,7 +58,7 @@ _SLEEP_ENV = "BLTJAX_PREPROCESS_SLEEP_AFTER_SHARD"
 
 
 def _define_flags():  # only when run as a program: importing this module defines no flags
-  from bltjax import distributed  # noqa: F401  (--coordinator_address/--num_processes/--process_id)
+  from bltjax.runtime import distributed  # noqa: F401  (--coordinator_address/--num_processes/--process_id)
   config_flags.DEFINE_config_file("config", None, "BLT experiment config.", lock_config=True)
   flags.DEFINE_string("out", None, "Output directory (local or gs://).")
   flags.DEFINE_string("workdir", None, "Training workdir whose stage-1 entropy model is used when "
@@ -73,7 +74,7 @@ def entropy_checkpoint(config, workdir: str | None) -> str:
   if p.entropy_model_checkpoint:
     return str(p.entropy_model_checkpoint)
   if config.init_from:
-    recorded = checkpoint.recorded_entropy_model(config.init_from)
+    recorded = checkpointer.recorded_entropy_model(config.init_from)
     if recorded:
       return recorded
   if workdir:
@@ -130,12 +131,12 @@ class LocalEntropies:
   Calls take a fixed chunk of rows (rows_per_device per device): one compiled shape."""
 
   def __init__(self, ckpt: str, entropy_dtype: str, rows_per_device: int):
-    params, ent_config, _, step = checkpoint.load_params(ckpt)
+    params, ent_config, _, step = checkpointer.load_params(ckpt)
     # = patcher.load_entropy_model(EntropySpec(ckpt, ent_config["model"])), read once: the
     # identity is hashed from the same params.
-    model = EntropyModel(EntropyModelConfig.from_dict(ent_config["model"]))
+    model = TransformerLM(LMConfig.from_dict(ent_config["model"]))
     self.identity = dict(path=storage.abspath(ckpt), step=int(step),
-                         sha256=checkpoint.params_hash(params))
+                         sha256=checkpointer.params_hash(params))
     mesh = Mesh(np.array(jax.local_devices()), ("rows",))
     self.rows_sh = NamedSharding(mesh, PartitionSpec("rows"))
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -246,7 +247,7 @@ def preprocess(config, out: str, *, workdir: str | None = None, num_training_pro
   """Writes (or finishes) DIR=`out`; every process calls it. Returns the manifest. Process 0
   holds DIR's lock meanwhile (one preprocessing run per directory; `force_unlock` takes it
   over)."""
-  configs.validate(config, None)  # the training pod may have another device count
+  experiment.validate(config, None)  # the training pod may have another device count
   if config.model_type != "blt":
     raise ValueError("preprocess stores entropies for BLT patching: model_type must be 'blt'")
   if config.data.preprocessed_dir:
@@ -350,7 +351,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logs.quiet_libraries()
-  from bltjax import distributed
+  from bltjax.runtime import distributed
   distributed.initialize()
   f = flags.FLAGS
   if not f.out:
@@ -361,7 +362,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from bltjax import cli
+  from bltjax.runtime import cli
   _define_flags()
   flags.DEFINE_bool("force_unlock", False, "Take over the output directory's lock even if "
                     "another run seems to hold it.")

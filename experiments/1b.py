@@ -13,7 +13,7 @@ import os
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from bltjax import configs
+from bltjax.train import experiment
 
 
 def get_config(arg=None):
@@ -101,9 +101,9 @@ def get_config(arg=None):
                  b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
                  clip_norm=1.0)                                   # paper
   c.mesh = dict(shape=(1, -1, 1))  # FSDP over every device (e.g. a v5p-256 slice: 128 chips)
-  c.entropy_model = configs.load(os.path.join(os.path.dirname(__file__), "entropy_model.py"))
+  c.entropy_model = experiment.load(os.path.join(os.path.dirname(__file__), "entropy_model.py"))
   if arg == "tiny":
-    return configs.tiny(c)
+    return experiment.tiny(c)
   if arg:
     raise ValueError(f"unknown config argument {arg!r} (valid: tiny)")
   return c

@@ -2,7 +2,7 @@
 
     python -m bltjax.ablate --config=experiments/ablation.py [--root=DIR] [--budget=FLOPS]
 
-Every run trains for `budget` training FLOPs (bltjax.flops accounting, per byte of text): its
+Every run trains for `budget` training FLOPs (bltjax.train.flops accounting, per byte of text): its
 steps are the budget over its FLOPs per step, so a model that spends fewer FLOPs per byte (larger
 patches, BPE tokens) sees more bytes. All runs read the same documents, in the same order, and are
 evaluated on the same held-out documents. The BLTs are the quickstart's (experiments/debug.py);
@@ -18,7 +18,7 @@ import os
 
 import ml_collections
 
-from bltjax import configs
+from bltjax.train import experiment
 
 _HERE = os.path.dirname(__file__)
 
@@ -33,9 +33,9 @@ def get_config(arg=None):
   tiny = arg == "tiny"
   if arg and not tiny:
     raise ValueError(f"unknown config argument {arg!r} (valid: tiny)")
-  blt = configs.load(os.path.join(_HERE, "debug.py:tiny" if tiny else "debug.py"))
+  blt = experiment.load(os.path.join(_HERE, "debug.py:tiny" if tiny else "debug.py"))
   blt.train.eval_batches = 2 if tiny else 8  # 8 x 16 rows x 384 bytes = 49 KB of held-out text
-  bpe = configs.load(os.path.join(_HERE, "token_lm.py:tiny" if tiny else "token_lm.py"))
+  bpe = experiment.load(os.path.join(_HERE, "token_lm.py:tiny" if tiny else "token_lm.py"))
 
   c = ml_collections.ConfigDict()
   c.budget = 2e8 if tiny else 2.4e13  # training FLOPs per run (~4 min each for the BLTs here)
@@ -50,7 +50,7 @@ def get_config(arg=None):
   byte.model.transformer = copy.deepcopy(blt.model.latent)
   byte.model.transformer.attn_window = None  # full causal attention over the row, as the latent
   byte.seed = blt.seed
-  byte.data.update({k: blt.data[k] for k in configs.SHARED_DATA_FIELDS})
+  byte.data.update({k: blt.data[k] for k in experiment.SHARED_DATA_FIELDS})
   byte.data.update(seq_len=blt.data.seq_len, num_workers=blt.data.num_workers)
   byte.train = copy.deepcopy(blt.train)
   byte.optim = copy.deepcopy(blt.optim)
@@ -59,7 +59,7 @@ def get_config(arg=None):
   # tokenizer trained on the training split; seq_len is in tokens there.
   bpe.model.transformer = copy.deepcopy(byte.model.transformer)
   bpe.seed = blt.seed
-  bpe.data.update({k: blt.data[k] for k in configs.SHARED_DATA_FIELDS})
+  bpe.data.update({k: blt.data[k] for k in experiment.SHARED_DATA_FIELDS})
   bpe.train = copy.deepcopy(blt.train)
   bpe.optim = copy.deepcopy(blt.optim)
 

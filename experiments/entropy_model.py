@@ -11,7 +11,7 @@ was trained with). `:tiny` shrinks it for a smoke run.
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from bltjax import configs
+from bltjax.train import experiment
 
 
 def get_config(arg=None):
@@ -81,7 +81,7 @@ def get_config(arg=None):
       clip_norm=10.0)                               # reference entropy_model.yaml
   c.mesh = dict(shape=(1, -1, 1))  # pure FSDP: a 100M model needs no tensor parallelism
   if arg == "tiny":
-    return configs.tiny(c)
+    return experiment.tiny(c)
   if arg:
     raise ValueError(f"unknown config argument {arg!r} (valid: tiny)")
   return c

@@ -21,7 +21,7 @@ compress --config=experiments/small.py`):
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from bltjax import configs
+from bltjax.train import experiment
 
 
 def get_config(arg=None):
@@ -177,7 +177,7 @@ def get_config(arg=None):
                  weight_decay=0.1, clip_norm=1.0),
       mesh=dict(shape=(1, -1, 1)))
   if arg == "tiny":  # a few steps of everything: the end-to-end test
-    return configs.tiny(c)
+    return experiment.tiny(c)
   if arg:
     raise ValueError(f"unknown config argument {arg!r} (valid: tiny)")
   return c

@@ -4,7 +4,7 @@
 
 The paper's comparison point (Llama-style BPE LM): embedding -> the same transformer stack as the
 BLT latent (full causal attention, documents split at EOS) -> RMSNorm -> logits over the BPE
-vocabulary. Its tokenizer (bltjax/bpe.py) is trained first, on the training split only, into
+vocabulary. Its tokenizer (bltjax/data/bpe.py) is trained first, on the training split only, into
 WORKDIR/tokenizer.json (a re-run reuses it). Loss and eval_bpb are bits per *byte* of text (each
 token counts the bytes it covers, EOS one byte as for the byte models), so they compare directly
 with a BLT's. Sized like experiments/debug.py's latent; `:tiny` shrinks it for a smoke run.
@@ -16,13 +16,13 @@ stdlib cover about the 384 bytes of a debug.py row.
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from bltjax import configs
+from bltjax.train import experiment
 
 
 def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seed = 0                  # PRNG seed for initialisation and data order
-  c.model_type = "token_lm"   # the BPE baseline (bltjax/bpe.py)
+  c.model_type = "token_lm"   # the BPE baseline (bltjax/data/bpe.py)
   c.init_from = placeholder(str)  # start from these params (a workdir or an exported model)
 
   c.model = dict(
@@ -46,7 +46,7 @@ def get_config(arg=None):
 
   c.tokenizer = dict(
       path=placeholder(str),  # None: train one on the training split into WORKDIR/tokenizer.json
-                              # (reused on re-runs); or a tokenizer.json saved by bltjax.bpe,
+                              # (reused on re-runs); or a tokenizer.json saved by bltjax.data.bpe,
                               # used as is (its vocabulary must be model.vocab_size)
       train_bytes=16 << 20)   # train the BPE on the first this many bytes of training documents
                               # (unshuffled; the whole 12 MB stdlib training split here)
@@ -98,7 +98,7 @@ def get_config(arg=None):
 
   c.mesh = dict(shape=(1, -1, 1))  # (data, fsdp, tensor); -1 = all remaining devices
   if arg == "tiny":  # a few steps of everything: the end-to-end test
-    return configs.tiny(c)
+    return experiment.tiny(c)
   if arg:
     raise ValueError(f"unknown config argument {arg!r} (valid: tiny)")
   return c

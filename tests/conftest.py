@@ -6,9 +6,9 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 
-from bltjax import xla_flags  # noqa: E402
+from bltjax.runtime import process_setup  # noqa: E402
 
-xla_flags.set_defaults()
+process_setup.set_defaults()
 
 from absl import flags  # noqa: E402
 

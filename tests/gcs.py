@@ -6,7 +6,7 @@ subprocesses with `emulator.env`; this module only talks to the emulator's JSON 
     from tests.gcs import gcs  # noqa: F401  (the fixture)
     def test_x(gcs):
       gcs.upload("data/a.txt", b"hello")
-      gcs.python("from bltjax import metrics; ...")   # runs with the emulator's environment
+      gcs.python("from bltjax.train import metrics; ...")   # runs with the emulator's environment
       assert gcs.list("data/") == ["data/a.txt"]
 """
 

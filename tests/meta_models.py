@@ -14,7 +14,7 @@ import numpy as np
 
 from tests.hf_models import randomize
 
-# HF component -> Meta component (written out here, independently of bltjax.meta).
+# HF component -> Meta component (written out here, independently of bltjax.interop.meta).
 _TO_META = {"self_attn": "attention", "mlp": "feed_forward", "input_layernorm": "attention_norm",
             "post_attention_layernorm": "ffn_norm", "embed_tokens": "tok_embeddings",
             "q_norm": "cross_attn_norm_q", "k_norm": "cross_attn_norm_kv", "gate_proj": "w1",

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from bltjax import ablate, configs, metrics, train
+from bltjax import ablate
+from bltjax.train import experiment, metrics, trainer
 
 # Runs cheap enough for the default suite: one of each kind of FLOP accounting (a byte LM, a BLT
 # with fixed patches, a BLT whose patch size is measured).
@@ -16,7 +17,7 @@ _BUDGET = 2e10  # about 10-25 steps of each tiny model
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("ablation"))
-  ablation = configs.load("experiments/ablation.py:tiny")
+  ablation = experiment.load("experiments/ablation.py:tiny")
   rows = ablate.run(ablation, root, budget=_BUDGET, only=_ONLY)
   return ablation, root, rows
 
@@ -76,4 +77,4 @@ def test_another_budget_on_the_same_root_is_refused(finished):
 
 def test_unknown_run_name():
   with pytest.raises(ValueError, match="unknown run"):
-    ablate.check(configs.load("experiments/ablation.py:tiny"), ["nope"])
+    ablate.check(experiment.load("experiments/ablation.py:tiny"), ["nope"])

@@ -11,8 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bltjax import batch as batch_lib, configs, tokenizer
-from bltjax.data import flags, formats, pipeline
+from bltjax.data import flag_table, formats, pipeline
+from bltjax.model import tokenizer
+from bltjax.train import batch as batch_lib, experiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEBUG = os.path.join(REPO, "experiments", "debug.py")
@@ -66,7 +67,7 @@ def parquet_corpus(root):
 
 def epoch(cfg):
   """One epoch of the train split: summed flag counts and the packed id stream."""
-  totals, stream = dict.fromkeys(flags.NAMES, 0), []
+  totals, stream = dict.fromkeys(flag_table.NAMES, 0), []
   ds = pipeline.make_dataset(cfg, "train", local_batch_size=2, num_workers=0, num_epochs=1)
   return ds, totals, stream
 
@@ -86,26 +87,26 @@ def consume(ds, totals, stream):
 def test_every_bad_document_is_counted_once(tmp_path, monkeypatch, caplog, corpus, source):
   monkeypatch.chdir(tmp_path)  # Relative keys: the same (all-train) split on every run.
   pattern, expected, documents, prefixes = corpus(tmp_path)
-  cfg = configs.tiny(configs.load(DEBUG))
+  cfg = experiment.tiny(experiment.load(DEBUG))
   cfg.data.update(source=source, paths=(pattern,), eval_fraction=0.0, seq_len=32,
                   max_document_bytes=MAX, shuffle_window=4)
   cfg.train.eval_batches = 0
   cfg.patching.update(mode="space", max_patches=16)  # no entropy stage to configure
-  configs.validate(cfg, None)
+  experiment.validate(cfg, None)
   with caplog.at_level(logging.WARNING):
     parts = epoch(cfg)
     if source == "text":  # Listed as a file, a directory when read: unreadable.
       (tmp_path / "swapped.txt").unlink()
       (tmp_path / "swapped.txt").mkdir()
     totals, ids = consume(*parts)
-  assert totals == {f"{name}_docs": expected[name] for name in flags.FLAGS}
+  assert totals == {f"{name}_docs": expected[name] for name in flag_table.FLAGS}
   # Every document, flagged or not, is one BOS ... EOS in the stream: none dropped.
   assert np.count_nonzero(ids == tokenizer.BOS_ID) == documents
   text = "".join(map(chr, ids))
   for prefix in prefixes:  # An oversized document keeps exactly its first MAX bytes.
     assert "".join(map(chr, tokenizer.encode(prefix))) in text
   # Each problem a reader met is logged (a bounded number of lines per kind).
-  for problem in flags.PROBLEMS:
+  for problem in flag_table.PROBLEMS:
     if expected[problem]:
       assert f"{problem} document" in caplog.text, problem
   if expected["invalid_utf8"]:

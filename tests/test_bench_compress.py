@@ -8,8 +8,11 @@ import lzma
 import numpy as np
 import pytest
 
-from bltjax import bench_compress, configs, tokenizer
+from bltjax import bench_compress
 from bltjax.data import documents, pipeline
+from bltjax.data import shards as shards_lib
+from bltjax.model import tokenizer
+from bltjax.train import experiment
 
 
 def _corpus(root):
@@ -22,7 +25,7 @@ def _corpus(root):
 
 
 def _config(tmp_path, shards, eval_batches):
-  c = configs.load("experiments/debug.py:tiny")
+  c = experiment.load("experiments/debug.py:tiny")
   c.data.update(source="text", paths=(str(_corpus(tmp_path) / "*.txt"),), eval_fraction=0.3,
                 shards=shards)
   c.train.eval_batches = eval_batches
@@ -36,7 +39,7 @@ def _evaluated_windows(config):
                              num_workers=0)
   it = iter(ds)
   batches = [next(it) for _ in range(config.train.eval_batches)]
-  shards = len(pipeline.data_shards(config.data, 0, 1))
+  shards = len(shards_lib.data_shards(config.data, 0, 1))
   rows = config.train.batch_size // shards
   per_shard = [[] for _ in range(shards)]
   for b in batches:  # a batch is the shards' batches, in shard order

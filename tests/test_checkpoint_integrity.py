@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bltjax import checkpoint, checkpoint_repair, configs, errors, optim, sharding
-from bltjax import train_state as ts
+from bltjax.checkpoint import checkpointer, repair
 from bltjax.data.prefetch import ThreadPrefetcher
+from bltjax.runtime import errors, sharding
+from bltjax.train import experiment, optim, train_state as ts
 from tests.gcs import gcs  # noqa: F401 (the fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,8 +29,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 def model():
   """(abstract state with shardings, state_at(step)): the tiny entropy model's train state, its
   params shifted by `step` so that each checkpoint holds different values."""
-  cfg = configs.entropy_stage_config(
-      configs.tiny(configs.load(os.path.join(REPO, "experiments", "debug.py"))))
+  cfg = experiment.entropy_stage_config(
+      experiment.tiny(experiment.load(os.path.join(REPO, "experiments", "debug.py"))))
   mesh = sharding.make_mesh(cfg.mesh.shape)
   mod, opt = ts.build_model(cfg), optim.make_optimizer(cfg.optim, 10)
   abstract, shardings = ts.abstract_state(cfg, mod, opt, mesh)
@@ -51,7 +52,7 @@ def data_iter(consumed=0):
 def save(workdir, model, steps):
   """A checkpoint per step; the iterator has handed out 10 * step elements at each."""
   _, state_at = model
-  ck = checkpoint.Checkpointer(str(workdir), max_to_keep=5)
+  ck = checkpointer.Checkpointer(str(workdir), max_to_keep=5)
   for step in steps:
     it = data_iter(10 * step)
     ck.save(step, state_at(step), it, {"step": step}, {"meta_step": step})
@@ -73,7 +74,7 @@ def truncate_state(ckpts, step):
 
 def assert_unreadable(workdir, model, step):
   """The damage really breaks a plain restore (so that no test passes vacuously)."""
-  ck = checkpoint.Checkpointer(str(workdir))
+  ck = checkpointer.Checkpointer(str(workdir))
   with pytest.raises(Exception):  # noqa: B017 (TensorStore raises a bare Exception)
     ck.restore(step, model[0])
   ck.close()
@@ -96,7 +97,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, model,
   assert_unreadable(tmp_path, model, 3)
   os.mkdir(os.path.join(ckpts, "3.corrupt"))  # taken (an earlier fault): the next name is used
   it = data_iter()
-  ck = checkpoint.Checkpointer(str(tmp_path))
+  ck = checkpointer.Checkpointer(str(tmp_path))
   with caplog.at_level(logging.WARNING):
     r = ck.restore_latest(model[0], it)
   assert r.step == 2 and r.config == {"step": 2} and r.meta == {"meta_step": 2}
@@ -109,7 +110,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, model,
   assert listing(ckpts) == ["1", "2", "3.corrupt", "3.corrupt.1"]
   assert ck.latest_step() == 2 and list(ck.manager.all_steps()) == [1, 2]
   ck.close()
-  again = checkpoint.Checkpointer(str(tmp_path))  # Orbax's listing ignores <step>.corrupt*
+  again = checkpointer.Checkpointer(str(tmp_path))  # Orbax's listing ignores <step>.corrupt*
   assert again.latest_step() == 2 and again.latest_metadata() == (2, {"step": 2},
                                                                   {"meta_step": 2})
   again.close()
@@ -120,7 +121,7 @@ def test_every_checkpoint_unreadable_is_an_error_that_moves_nothing(tmp_path, mo
   for step in (1, 2):
     truncate_state(ckpts, step)
     assert_unreadable(tmp_path, model, step)
-  ck = checkpoint.Checkpointer(str(tmp_path))
+  ck = checkpointer.Checkpointer(str(tmp_path))
   with pytest.raises(errors.CheckpointError) as e:
     ck.restore_latest(model[0], data_iter())
   message = str(e.value)
@@ -138,7 +139,7 @@ def test_a_checkpoint_of_another_config_is_an_error_and_stays(tmp_path, model):
   params["tok_embeddings"] = {"embedding": jax.ShapeDtypeStruct(
       (emb.shape[0], 2 * emb.shape[1]), emb.dtype, sharding=emb.sharding)}
   params["extra"] = {"scale": params["norm"]["scale"]}
-  ck = checkpoint.Checkpointer(str(tmp_path))
+  ck = checkpointer.Checkpointer(str(tmp_path))
   with pytest.raises(errors.CheckpointError, match="does not fit this model") as e:
     ck.restore_latest(abstract.replace(params=params))
   message = str(e.value)
@@ -151,7 +152,7 @@ def test_a_checkpoint_of_another_config_is_an_error_and_stays(tmp_path, model):
 
 def test_a_checkpoint_from_before_the_update_guard_says_so(tmp_path, model):
   abstract, state_at = model
-  ck = checkpoint.Checkpointer(str(tmp_path))
+  ck = checkpointer.Checkpointer(str(tmp_path))
   old = {"step": jnp.int32(1), "params": state_at(1).params, "opt_state": state_at(1).opt_state}
   ck.save(1, old, None, {}, {})  # the TrainState of earlier releases: no guard counters
   ck.wait()
@@ -171,7 +172,7 @@ def test_unreadable_state_metadata_falls_back(tmp_path, model, damage):
       f.truncate(os.path.getsize(path) // 2)
   else:
     os.remove(path)
-  ck = checkpoint.Checkpointer(str(tmp_path))
+  ck = checkpointer.Checkpointer(str(tmp_path))
   assert ck.restore_latest(model[0]).step == 1
   assert listing(ckpts) == ["1", "2.corrupt"]
   ck.close()
@@ -180,7 +181,7 @@ def test_unreadable_state_metadata_falls_back(tmp_path, model, damage):
 def test_a_storage_error_is_not_damage(tmp_path, model, monkeypatch):
   """An unreachable bucket or a denied read says nothing about the files: nothing is moved."""
   ckpts = save(tmp_path, model, [1, 2])
-  ck = checkpoint.Checkpointer(str(tmp_path))
+  ck = checkpointer.Checkpointer(str(tmp_path))
 
   def unavailable(*args, **kwargs):
     raise ValueError("UNAVAILABLE: Error reading gs://bucket/run/checkpoints/2: connection reset")
@@ -194,7 +195,7 @@ def test_a_storage_error_is_not_damage(tmp_path, model, monkeypatch):
 def test_missing_json_items_fall_back(tmp_path, model):
   ckpts = save(tmp_path, model, [1, 2, 3])
   shutil.rmtree(os.path.join(ckpts, "3", "meta"))
-  ck = checkpoint.Checkpointer(str(tmp_path))
+  ck = checkpointer.Checkpointer(str(tmp_path))
   assert ck.latest_metadata() == (2, {"step": 2}, {"meta_step": 2})
   assert listing(ckpts) == ["1", "2", "3.corrupt"]
   shutil.rmtree(os.path.join(ckpts, "2", "config"))
@@ -206,11 +207,11 @@ def test_missing_json_items_fall_back(tmp_path, model):
 
 
 def test_no_checkpoint_at_all(tmp_path, model):
-  ck = checkpoint.Checkpointer(str(tmp_path))
+  ck = checkpointer.Checkpointer(str(tmp_path))
   assert ck.restore_latest(model[0]) is None and ck.latest_metadata() is None
   ck.close()
   with pytest.raises(FileNotFoundError, match="no Orbax checkpoint found") as e:
-    checkpoint.load_params(str(tmp_path))
+    checkpointer.load_params(str(tmp_path))
   assert isinstance(e.value, errors.CheckpointError)
 
 
@@ -219,12 +220,12 @@ def test_processes_agree_on_the_step(tmp_path, model, monkeypatch):
   step 2 aside and all synchronise (the collectives are faked: one process here)."""
   from jax.experimental import multihost_utils
   ckpts = save(tmp_path, model, [1, 2])
-  others, synced = iter([checkpoint_repair.UNREADABLE, checkpoint_repair.OK]), []
+  others, synced = iter([repair.UNREADABLE, repair.OK]), []
   monkeypatch.setattr(checkpoint_repair, "multiprocess", lambda: True)
   monkeypatch.setattr(multihost_utils, "process_allgather",
                       lambda code: np.array([code, next(others)]))
   monkeypatch.setattr(multihost_utils, "sync_global_devices", synced.append)
-  ck = checkpoint.Checkpointer(str(tmp_path))
+  ck = checkpointer.Checkpointer(str(tmp_path))
   r = ck.restore_latest(model[0])
   assert r.step == 1 and len(synced) == 1
   assert listing(ckpts) == ["1", "2.corrupt"]
@@ -235,12 +236,12 @@ _INTERRUPTED_SAVE = """
 import asyncio, os, sys, time
 import jax.numpy as jnp
 from orbax.checkpoint._src.path import atomicity
-from bltjax import checkpoint
+from bltjax.checkpoint import checkpointer
 
 async def never(self):  # the save is killed before it commits, whatever the timing
   await asyncio.sleep(3600)
 atomicity.AtomicRenameTemporaryPath.finalize = never
-ck = checkpoint.Checkpointer(sys.argv[1])
+ck = checkpointer.Checkpointer(sys.argv[1])
 ck.save(2, {"w": jnp.ones((256, 256))}, None, {}, {})
 deadline = time.time() + 60
 while time.time() < deadline and not os.path.isdir(
@@ -253,7 +254,7 @@ os._exit(0)  # as a SIGKILL: the asynchronous save never finishes
 
 
 def test_an_interrupted_save_is_cleaned_up(tmp_path):
-  ck = checkpoint.Checkpointer(str(tmp_path))
+  ck = checkpointer.Checkpointer(str(tmp_path))
   ck.save(1, {"w": jnp.zeros((256, 256))}, None, {}, {})
   ck.close()
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
@@ -261,7 +262,7 @@ def test_an_interrupted_save_is_cleaned_up(tmp_path):
                        cwd=REPO, check=True, capture_output=True, text=True).stdout
   ckpts = os.path.join(tmp_path, "checkpoints")
   assert "2.orbax-checkpoint-tmp" in out and listing(ckpts) == ["1", "2.orbax-checkpoint-tmp"]
-  ck = checkpoint.Checkpointer(str(tmp_path))
+  ck = checkpointer.Checkpointer(str(tmp_path))
   assert listing(ckpts) == ["1"] and ck.latest_step() == 1
   abstract = {"w": jax.ShapeDtypeStruct((256, 256), jnp.float32)}
   assert ck.restore_latest(abstract).step == 1
@@ -276,32 +277,32 @@ def test_read_only_loads_name_the_unreadable_checkpoint(tmp_path, model):
   assert_unreadable(tmp_path, model, 2)
   bad = os.path.join(ckpts, "2")
   with pytest.raises(errors.CheckpointError) as e:
-    checkpoint.load_params(str(tmp_path))
+    checkpointer.load_params(str(tmp_path))
   message = str(e.value)
   assert message.startswith(f"{bad}: cannot read this checkpoint (")
   assert "OUT_OF_RANGE" in message and "older steps there: 1" in message and "\n" not in message
   with pytest.raises(errors.CheckpointError, match=f"^{bad}: cannot read"):
-    checkpoint.restore_params(str(tmp_path), model[0].params)
-  params = checkpoint.load_params(os.path.join(ckpts, "1"))[0]  # what the message suggests
+    checkpointer.restore_params(str(tmp_path), model[0].params)
+  params = checkpointer.load_params(os.path.join(ckpts, "1"))[0]  # what the message suggests
   np.testing.assert_array_equal(params["norm"]["scale"], np.asarray(model[1](1).params["norm"][
       "scale"]))
   other = dict(model[0].params, extra=model[0].params["norm"])
   with pytest.raises(errors.CheckpointError, match="1: params do not fit this model: missing "
                      "extra/scale$"):
-    checkpoint.restore_params(os.path.join(ckpts, "1"), other)
+    checkpointer.restore_params(os.path.join(ckpts, "1"), other)
   shutil.rmtree(os.path.join(bad, "meta"))
   with pytest.raises(errors.CheckpointError, match=f"^{bad}: cannot read .*meta"):
-    checkpoint.recorded_entropy_model(str(tmp_path))
+    checkpointer.recorded_entropy_model(str(tmp_path))
   assert listing(ckpts) == ["1", "2"]  # read-only: nothing moved
 
 
 _IN_A_BUCKET = """
 import sys, grain, jax, numpy as np
-from bltjax import checkpoint
+from bltjax.checkpoint import checkpointer
 run, phase = sys.argv[1], sys.argv[2]
 state = {"params": {"w": np.arange(4096.0)}}
 it = iter(grain.MapDataset.range(100).to_iter_dataset())
-ck = checkpoint.Checkpointer(run)
+ck = checkpointer.Checkpointer(run)
 if phase == "save":
   for step in (1, 2):
     next(it)
@@ -310,11 +311,11 @@ if phase == "save":
   sys.exit()
 abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
     x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])), state)
-assert checkpoint.find_checkpoint(run)[1] == 2  # step 3 has no commit file: never picked
+assert checkpointer.find_checkpoint(run)[1] == 2  # step 3 has no commit file: never picked
 try:
-  checkpoint.load_params(run)
+  checkpointer.load_params(run)
   raise AssertionError("the damaged step 2 was read")
-except checkpoint.errors.CheckpointError as e:
+except checkpointer.errors.CheckpointError as e:
   assert str(e).startswith(run + "/checkpoints/2: cannot read this checkpoint (ValueError: "
                            "OUT_OF_RANGE") and "older steps there: 1" in str(e), e
 r = ck.restore_latest(abstract, it)

@@ -1,4 +1,4 @@
-"""Command-line exits (bltjax.cli, bltjax.data.workers): a mistake is one line and status 1, never
+"""Command-line exits (bltjax.runtime.cli, bltjax.data.workers): a mistake is one line and status 1, never
 a traceback or an abort on the way out; no grain worker outlives the trainer, however it ends."""
 
 import os
@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from bltjax import cli
+from bltjax.runtime import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEBUG = os.path.join(REPO, "experiments", "debug.py")
@@ -195,7 +195,7 @@ def test_one_line_messages():
 
 _DYING_THREADS = '''
 import logging, threading, time
-from bltjax import cli
+from bltjax.runtime import cli
 
 def writer(delay):  # a background writer that fails with the main thread and logs it, late
   time.sleep(delay)

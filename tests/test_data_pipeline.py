@@ -11,8 +11,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from bltjax import batch as batch_lib, configs
 from bltjax.data import documents, mixture, pipeline, sources
+from bltjax.data import shards as shards_lib
+from bltjax.train import batch as batch_lib, experiment
 
 
 @pytest.fixture
@@ -51,7 +52,7 @@ def window_tokens(example):
 
 def test_packing_keeps_every_byte_exactly_once_in_order(corpus):
   d = data_cfg(corpus)
-  docs = pipeline.tokenized_documents(d, "train", seed=3, process_index=0, process_count=1,
+  docs = shards_lib.tokenized_documents(d, "train", seed=3, process_index=0, process_count=1,
                                       shuffle=True, num_epochs=1)
   stream = np.concatenate([doc["tokens"] for doc in docs])
   windows = list(pipeline.packed_rows(d, "train", seed=3, process_index=0, process_count=1,
@@ -63,7 +64,7 @@ def test_packing_keeps_every_byte_exactly_once_in_order(corpus):
   for w in windows:
     np.testing.assert_array_equal(w["tokens"][1:], w["targets"][:-1])
   # One epoch then the next: a different (seeded) document order, same bytes.
-  two = pipeline.tokenized_documents(d, "train", seed=3, process_index=0, process_count=1,
+  two = shards_lib.tokenized_documents(d, "train", seed=3, process_index=0, process_count=1,
                                      shuffle=True, num_epochs=2)
   second = np.concatenate([two[i]["tokens"] for i in range(len(docs), 2 * len(docs))])
   assert sorted(second.tolist()) == sorted(stream.tolist())
@@ -85,7 +86,7 @@ def test_worker_processes_yield_every_element_once(corpus, kind):
   if kind == "jsonl":
     d.update(source="jsonl", paths=(jsonl_corpus(corpus / "j"),))
   cfg = ml_collections.ConfigDict(dict(data=d, seed=0, model_type="entropy_model"))
-  all_docs = np.concatenate([doc["tokens"] for doc in pipeline.tokenized_documents(
+  all_docs = np.concatenate([doc["tokens"] for doc in shards_lib.tokenized_documents(
       d, "train", seed=0, process_index=0, process_count=1, shuffle=False, num_epochs=1)])
   ds = pipeline.make_dataset(cfg, "train", local_batch_size=4, patch=None, num_workers=2,
                              num_epochs=1)
@@ -100,7 +101,7 @@ def test_processes_read_disjoint_documents(corpus):
   d = data_cfg(corpus)
   keys = []
   for p in range(3):
-    docs = pipeline.tokenized_documents(d, "train", seed=0, process_index=p, process_count=3,
+    docs = shards_lib.tokenized_documents(d, "train", seed=0, process_index=p, process_count=3,
                                         shuffle=False, num_epochs=1)
     keys.append({doc["tokens"].tobytes() for doc in docs})
   assert not (keys[0] & keys[1]) and not (keys[1] & keys[2]) and not (keys[0] & keys[2])
@@ -213,15 +214,15 @@ def test_mixture_errors_name_the_field(tmp_path, monkeypatch, change, message):
 
 
 def test_config_validation_checks_the_mixture():
-  cfg = configs.load("experiments/debug.py")
+  cfg = experiment.load("experiments/debug.py")
   cfg.data.mixture = (dict(name="web", source="jsonl", paths=("x.jsonl",), weight=1.0),)
   with pytest.raises(ValueError, match=r"invalid config: data.mixture\[0\].text_field is missing"):
-    configs.validate(cfg, None)
+    experiment.validate(cfg, None)
   cfg.data.mixture = ()
   cfg.data.shuffle_window = 0
   with pytest.raises(ValueError, match="data.shuffle_window=0"):
-    configs.validate(cfg, None)
-  stage = configs.entropy_stage_config(configs.load("experiments/debug.py"))
+    experiment.validate(cfg, None)
+  stage = experiment.entropy_stage_config(experiment.load("experiments/debug.py"))
   assert stage.data.mixture == () and stage.data.shuffle_window >= 1
 
 
@@ -237,7 +238,7 @@ def test_arrayrecord_shards_read_their_files(tmp_path, monkeypatch):
   seen = {}
   for split in ("train", "eval"):
     for s in range(2):
-      docs = pipeline.tokenized_documents(d, split, seed=0, process_index=s, process_count=2,
+      docs = shards_lib.tokenized_documents(d, split, seed=0, process_index=s, process_count=2,
                                           shuffle=split == "train", num_epochs=1)
       texts = [bytes((doc["tokens"][1:-1] - 4).astype(np.uint8)).decode() for doc in docs]
       assert {int(t.split(":")[0]) % 2 for t in texts} == {s}  # files s, s + 2, ...
@@ -251,9 +252,9 @@ def test_arrayrecord_shards_read_their_files(tmp_path, monkeypatch):
 
 def test_shards_must_divide_across_processes():
   d = ml_collections.ConfigDict(dict(shards=3))
-  assert pipeline.data_shards(d, 1, 3) == [1]
+  assert shards_lib.data_shards(d, 1, 3) == [1]
   d.shards = 4
-  assert pipeline.data_shards(d, 1, 2) == [2, 3]
+  assert shards_lib.data_shards(d, 1, 2) == [2, 3]
   d.shards = 3
   with pytest.raises(ValueError, match="data.shards=3 is not a multiple of the 2 processes"):
-    pipeline.data_shards(d, 0, 2)
+    shards_lib.data_shards(d, 0, 2)

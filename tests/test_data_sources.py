@@ -10,9 +10,9 @@ import grain
 import numpy as np
 import pytest
 
-from bltjax import tokenizer
 from bltjax.data import documents, paths, sources
 from bltjax.data.documents import Document
+from bltjax.model import tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@
 import numpy as np
 import pytest
 
-from bltjax import tokenizer
-from bltjax.data import documents, flags
+from bltjax.data import documents, flag_table
 from bltjax.data.documents import Document
+from bltjax.model import tokenizer
 
 
 class KeySource:
@@ -58,7 +58,7 @@ def test_document_to_tokens():
       out["tokens"], [tokenizer.BOS_ID, ord("h") + 4, ord("i") + 4, tokenizer.EOS_ID])
   np.testing.assert_array_equal(out["doc_flags"], [0, 0, 0, 0])
 
-  bit = flags.BIT
+  bit = flag_table.BIT
   cases = {
       Document(b"\xff\xfe", None): bit["invalid_utf8"],
       Document(b"a\x00b", None): bit["nul"],
@@ -78,22 +78,22 @@ def test_document_to_tokens():
 
   batch = np.stack([np.pad(to_tokens.map(doc)["doc_flags"], (0, 4))[:4] for doc in cases])
   per_flag = dict(invalid_utf8=3, nul=2, empty=1, unreadable=1, malformed=1, oversized=2)
-  counts = flags.counts(batch)
-  assert counts.dtype == np.int32 and counts.tolist() == [per_flag[f] for f in flags.FLAGS]
-  assert flags.counts(np.zeros((2, 3, 5), np.int8)).tolist() == [0] * len(flags.FLAGS)
+  counts = flag_table.counts(batch)
+  assert counts.dtype == np.int32 and counts.tolist() == [per_flag[f] for f in flag_table.FLAGS]
+  assert flag_table.counts(np.zeros((2, 3, 5), np.int8)).tolist() == [0] * len(flag_table.FLAGS)
 
 
 def test_flag_table():
   """One table: bits, metric names, batch columns and stored counts agree."""
-  from bltjax import batch as batch_lib
+  from bltjax.train import batch as batch_lib
   from bltjax.data import preprocessed
-  assert flags.NAMES == tuple(f"{f}_docs" for f in flags.FLAGS)
-  assert flags.NAMES[:4] == ("invalid_utf8_docs", "nul_docs", "empty_docs", "unreadable_docs")
-  assert [flags.BIT[f] for f in flags.FLAGS] == [1 << i for i in range(len(flags.FLAGS))]
-  assert set(flags.PROBLEMS) <= set(flags.FLAGS)
-  counts = np.arange(2 * len(flags.FLAGS), dtype=np.int32).reshape(2, -1)
+  assert flag_table.NAMES == tuple(f"{f}_docs" for f in flag_table.FLAGS)
+  assert flag_table.NAMES[:4] == ("invalid_utf8_docs", "nul_docs", "empty_docs", "unreadable_docs")
+  assert [flag_table.BIT[f] for f in flag_table.FLAGS] == [1 << i for i in range(len(flag_table.FLAGS))]
+  assert set(flag_table.PROBLEMS) <= set(flag_table.FLAGS)
+  counts = np.arange(2 * len(flag_table.FLAGS), dtype=np.int32).reshape(2, -1)
   stats = batch_lib.host_stats({"doc_flag_counts": counts})  # the metrics: column i is NAMES[i]
-  assert list(stats) == list(flags.NAMES) and list(stats.values()) == counts.sum(0).tolist()
+  assert list(stats) == list(flag_table.NAMES) and list(stats.values()) == counts.sum(0).tolist()
   rows = preprocessed.encode_rows(np.ones((2, 8), np.int32), np.ones((2, 8), np.int32),
                                   np.ones((2, 8)), counts, np.zeros((2, 8)), "float16")
   assert rows.shape == (2, preprocessed.record_bytes(8, "float16"))

@@ -12,11 +12,12 @@ from ml_collections import config_flags
 import numpy as np
 import pytest
 
-from bltjax import checkpoint, configs, heldout, metrics, patcher, sharding, step as step_lib
-from bltjax import tokenizer, train
-from bltjax import batch as batch_lib
-from bltjax import train_state as ts
+from bltjax.checkpoint import checkpointer
 from bltjax.data import documents, pipeline, sources
+from bltjax.model import tokenizer
+from bltjax.runtime import sharding
+from bltjax.train import (batch as batch_lib, experiment, heldout, metrics, patcher,
+                          step as step_lib, train_state as ts, trainer)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEBUG = os.path.join(REPO, "experiments", "debug.py")
@@ -42,7 +43,7 @@ def corpus(tmp_path):
 
 
 def tiny_config(corpus, eval_sets):
-  cfg = configs.tiny(configs.load(DEBUG))
+  cfg = experiment.tiny(experiment.load(DEBUG))
   cfg.patching.mode = "space"  # no entropy stage: quick
   cfg.data.update(source="text", paths=(corpus["pattern"],), eval_fraction=0.25)
   cfg.train.update(steps=4, log_every=2, checkpoint_every=4, eval_every=2, eval_batches=1)
@@ -60,7 +61,7 @@ def test_training_logs_each_eval_set(tmp_path, corpus):
   gives eval_bpb, another set another value, equal to evaluating the final params directly."""
   cfg = tiny_config(corpus, both_sets(corpus))
   wd = str(tmp_path / "wd")
-  train.run(cfg, wd)
+  trainer.run(cfg, wd)
   evals = [r for r in metrics.read_metrics(wd) if "eval_bpb" in r]
   assert [r["step"] for r in evals] == [2, 4]
   for r in evals:
@@ -72,8 +73,8 @@ def test_training_logs_each_eval_set(tmp_path, corpus):
   assert os.listdir(os.path.join(wd, "tensorboard"))
 
   # The final evaluation, recomputed: the final params on the set's first batch.
-  params = checkpoint.load_params(wd)[0]
-  es = {e.name: e for e in configs.eval_sets(cfg)}["other"]
+  params = checkpointer.load_params(wd)[0]
+  es = {e.name: e for e in experiment.eval_sets(cfg)}["other"]
   local = next(iter(pipeline.make_dataset(
       heldout.eval_set_config(cfg, es), "all", local_batch_size=cfg.train.batch_size,
       patch=patcher.setup(cfg, None, None).host_transform(), num_workers=0)))
@@ -97,7 +98,7 @@ def test_accelerator_patching_evaluates_sets_alike(tmp_path, corpus):
   cfg.patching.device = "accelerator"
   cfg.train.update(steps=2, eval_every=2, checkpoint_every=2)
   wd = str(tmp_path / "wd")
-  train.run(cfg, wd)
+  trainer.run(cfg, wd)
   [r] = [r for r in metrics.read_metrics(wd) if "eval_bpb" in r]
   assert r["eval/same/bpb"] == pytest.approx(r["eval_bpb"], rel=1e-6)
   assert r["eval/other/bpb"] != pytest.approx(r["eval_bpb"], rel=1e-3)
@@ -116,7 +117,7 @@ def test_eval_sets_without_a_held_out_split(corpus):
   """data.eval_fraction=0 with eval sets: only eval/<name>/... metrics, names as configured."""
   cfg = tiny_config(corpus, both_sets(corpus))
   cfg.data.eval_fraction = 0.0
-  configs.validate(cfg, 8)
+  experiment.validate(cfg, 8)
   evaluator = _fake_evaluator(cfg)
   assert evaluator.first_rows() == []  # nothing loaded before the first evaluation
   out = evaluator(None)
@@ -126,7 +127,7 @@ def test_eval_sets_without_a_held_out_split(corpus):
   assert len(rows) == 2 and all(r.shape == (cfg.data.seq_len,) for r in rows)
   cfg.train.eval_sets = {}
   with pytest.raises(ValueError, match="train.eval_batches > 0 needs data.eval_fraction > 0"):
-    configs.validate(cfg, 8)
+    experiment.validate(cfg, 8)
 
 
 @pytest.mark.parametrize("sets,message", [
@@ -144,18 +145,18 @@ def test_eval_sets_without_a_held_out_split(corpus):
 def test_invalid_eval_sets_name_the_field(corpus, sets, message):
   cfg = tiny_config(corpus, sets)
   with pytest.raises(ValueError, match=f"invalid config: {message}"):
-    configs.validate(cfg, 8)
+    experiment.validate(cfg, 8)
 
 
 def test_eval_sets_need_eval_batches_and_online_data(corpus):
   cfg = tiny_config(corpus, both_sets(corpus))
   cfg.train.eval_batches = 0
   with pytest.raises(ValueError, match="train.eval_sets is set: train.eval_batches=0"):
-    configs.validate(cfg, 8)
+    experiment.validate(cfg, 8)
   cfg.train.eval_batches = 1
   cfg.data.preprocessed_dir = "/somewhere"
   with pytest.raises(ValueError, match="train.eval_sets cannot be used with data.preprocessed_dir"):
-    configs.validate(cfg, 8)
+    experiment.validate(cfg, 8)
 
 
 @pytest.mark.parametrize("path", ["missing_dir/*.jsonl", "nothing_*.jsonl"])
@@ -165,19 +166,19 @@ def test_missing_eval_set_files_fail_at_start(tmp_path, corpus, path):
   wd = tmp_path / "wd"
   with pytest.raises((FileNotFoundError, ValueError), match=f"train.eval_sets.wiki.paths: .*"
                      f"{os.path.dirname(path) if 'missing' in path else 'matched no files'}"):
-    train.run(cfg, str(wd))
+    trainer.run(cfg, str(wd))
   assert not (wd / "checkpoints").exists()  # before any training
 
 
 def test_the_entropy_stage_eval_sets_are_checked_too(tmp_path):
   """entropy_model.train.eval_sets: validated and checked at start like the BLT's."""
-  cfg = configs.tiny(configs.load(DEBUG))  # entropy patching: stage 1 trains first
+  cfg = experiment.tiny(experiment.load(DEBUG))  # entropy patching: stage 1 trains first
   cfg.entropy_model.train.eval_sets = dict(w=dict(source="text"))
   with pytest.raises(ValueError, match="invalid config: entropy_model.train.eval_sets.w.paths"):
-    configs.validate(cfg, 8)
+    experiment.validate(cfg, 8)
   missing = str(tmp_path / "gone" / "*.txt")
   cfg.entropy_model.train.eval_sets = dict(w=dict(source="text", paths=(missing,)))
-  configs.validate(cfg, 8)
+  experiment.validate(cfg, 8)
   with pytest.raises(FileNotFoundError, match="entropy_model.train.eval_sets.w.paths: .*gone"):
     heldout.check_eval_sets(cfg)
 
@@ -198,15 +199,15 @@ def test_eval_sets_from_the_command_line():
   fv = flags.FlagValues()
   holder = config_flags.DEFINE_config_file("config", None, "", flag_values=fv, sys_argv=argv)
   fv(argv)
-  got = {e.name: e for e in configs.eval_sets(holder.value)}
-  assert got == {"wiki": configs.EvalSet("wiki", "jsonl", ("/data/wiki/*.jsonl",), "text"),
-                 "code": configs.EvalSet("code", "text", ("/data/code/*.py",), "text")}
-  configs.validate(holder.value, 8)
+  got = {e.name: e for e in experiment.eval_sets(holder.value)}
+  assert got == {"wiki": experiment.EvalSet("wiki", "jsonl", ("/data/wiki/*.jsonl",), "text"),
+                 "code": experiment.EvalSet("code", "text", ("/data/code/*.py",), "text")}
+  experiment.validate(holder.value, 8)
 
 
 @pytest.mark.parametrize("experiment", ["debug.py", "entropy_model.py", "1b.py", "8b.py"])
 def test_every_experiment_sets_no_eval_sets(experiment):
-  cfg = configs.load(os.path.join(REPO, "experiments", experiment))
+  cfg = experiment.load(os.path.join(REPO, "experiments", experiment))
   assert cfg.train.eval_sets.to_dict() == {}
   if "entropy_model" in cfg:
     assert cfg.entropy_model.train.eval_sets.to_dict() == {}

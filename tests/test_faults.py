@@ -14,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from bltjax import checkpoint, metrics
+from bltjax.checkpoint import checkpointer
+from bltjax.train import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEBUG = os.path.join(REPO, "experiments", "debug.py")
@@ -163,10 +164,10 @@ def test_divergence_exits_1_and_leaves_no_non_finite_checkpoint(tmp_path):
   assert _run(wd, 2).returncode == 0
   result = _run(wd, 8, "--config.optim.lr=1e30")
   _one_line_error(result, "non-finite")
-  ckpt = checkpoint.Checkpointer(wd)
+  ckpt = checkpointer.Checkpointer(wd)
   assert ckpt.manager.all_steps() == [2]
   ckpt.close()
-  params = checkpoint.load_params(wd)[0]
+  params = checkpointer.load_params(wd)[0]
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
@@ -192,13 +193,13 @@ def test_a_full_disk_fails_cleanly_and_keeps_the_last_checkpoint(tmp_path):
     assert last.startswith("error: ") and "No space left on device" in last, last
     assert str(mnt) in last
     filler.unlink()
-    ckpt = checkpoint.Checkpointer(wd)
+    ckpt = checkpointer.Checkpointer(wd)
     assert ckpt.latest_step() == 2
     ckpt.close()
     result = _run(wd, 4)  # space again: resumes from the checkpoint before the failure
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resumed" in result.stderr and "from step 2" in result.stderr
-    ckpt = checkpoint.Checkpointer(wd)
+    ckpt = checkpointer.Checkpointer(wd)
     assert ckpt.latest_step() == 4
     ckpt.close()
   finally:
@@ -206,18 +207,18 @@ def test_a_full_disk_fails_cleanly_and_keeps_the_last_checkpoint(tmp_path):
 
 
 def test_bad_documents_of_every_kind_are_counted_in_the_training_metrics(tmp_path):
-  from bltjax import configs, train
+  from bltjax.train import experiment, trainer
   from tests import test_bad_data
   root = tmp_path / "corpus"
   root.mkdir()
   pattern, expected, _, _ = test_bad_data.jsonl_corpus(root)
-  cfg = configs.tiny(configs.load(DEBUG))
+  cfg = experiment.tiny(experiment.load(DEBUG))
   cfg.patching.mode = "space"
   cfg.data.update(source="jsonl", paths=(str(root / pattern),), eval_fraction=0.0,
                   max_document_bytes=test_bad_data.MAX)
   cfg.train.update(steps=3, log_every=1, eval_every=0, eval_batches=0)
   wd = str(tmp_path / "wd")
-  train.run(cfg, wd)  # bad documents never stop training
+  trainer.run(cfg, wd)  # bad documents never stop training
   records = [r for r in metrics.read_metrics(wd) if "loss" in r]
   assert len(records) == 3
   for kind, count in expected.items():  # 3 steps of 8 x 129 bytes: at least one full epoch

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from bltjax import BLT, generate, sampling, tokenizer
+from bltjax import BLT
+from bltjax.inference import generator, sampling
+from bltjax.model import tokenizer
 from bltjax.model.blt import ByteLatentTransformer
 from bltjax.model.config import PatchingConfig
-from bltjax.model.entropy_model import EntropyModel
+from bltjax.model.lm import TransformerLM
 from tests import tiny
 from tests.hf_models import make_hf_blt, random_tokens
 
@@ -29,7 +31,7 @@ def random_blt(seed=0, *, window=8, entropy_window=6, mode="entropy", threshold=
   tokens = np.ones((1, 8), np.int32)
   params = jax.jit(ByteLatentTransformer(cfg).init)(jax.random.key(seed), tokens,
                                                     np.ones((1, 9), np.int32))["params"]
-  eparams = jax.jit(EntropyModel(ecfg).init)(jax.random.key(seed + 1), tokens)["params"]
+  eparams = jax.jit(TransformerLM(ecfg).init)(jax.random.key(seed + 1), tokens)["params"]
   unbox = lambda t: jax.tree.map(lambda x: x.unbox(), t, is_leaf=lambda x: hasattr(x, "unbox"))  # noqa
   params, eparams = unbox(params), unbox(eparams)
   if mode == "entropy" and threshold is None:  # the median entropy: about half the bytes start
@@ -86,7 +88,7 @@ def test_documents_inside_a_prompt():
   for recompute in (False, True):
     state = gen.init_state(tokens, lengths, 0)
     while int(state.t) < tokens.shape[1] - 1:
-      state = one(blt.params, blt.entropy_params, state, generate.Sampling(stop_at_eos=False),
+      state = one(blt.params, blt.entropy_params, state, generator.Sampling(stop_at_eos=False),
                   recompute=recompute)
     outs.append(np.asarray(state.tokens))
   np.testing.assert_array_equal(outs[0], outs[1])
@@ -141,7 +143,7 @@ def _buffer(blt, sampler, stop=()):
   """(ids [B, N], prompt lengths, last position written) after generating OPT_NEW bytes: the
   buffer `generate_bytes` cuts its output from (same compiled loop)."""
   stops = sampling.encode_stops(stop, blt.max_context)
-  tokens, lengths = generate.prepare_prompts(OPT_PROMPTS, OPT_NEW, blt.max_context)
+  tokens, lengths = generator.prepare_prompts(OPT_PROMPTS, OPT_NEW, blt.max_context)
   state = blt._generator.init_state(tokens, lengths, 0, sampling.stop_arrays(stops))
   state = blt._jit_steps[1](blt.params, blt.entropy_params, state, sampler)
   return np.asarray(state.tokens), lengths, int(state.t)
@@ -316,9 +318,9 @@ def test_hf_orbax_hf_round_trip_is_lossless(hf_pair, tmp_path):
 @pytest.fixture(scope="module")
 def trained_workdir(tmp_path_factory):
   """A tiny two-stage run of experiments/debug.py (the quickstart), as `main` writes it."""
-  from bltjax import configs, train
+  from bltjax.train import experiment, trainer
   workdir = str(tmp_path_factory.mktemp("debug_run") / "wd")
-  train.run(configs.tiny(configs.load(os.path.join(os.path.dirname(__file__), "..",
+  trainer.run(experiment.tiny(experiment.load(os.path.join(os.path.dirname(__file__), "..",
                                                    "experiments", "debug.py"))), workdir)
   return workdir
 
@@ -368,7 +370,8 @@ def test_converted_hf_model_continues_pretraining(hf_pair, tmp_path):
   import dataclasses
   import subprocess
   import sys
-  from bltjax import checkpoint, configs, metrics, train, train_state as ts
+  from bltjax.checkpoint import checkpointer
+  from bltjax.train import experiment, metrics, trainer, train_state as ts
   from bltjax.model.config import to_dict
   _, directory = hf_pair
   out = str(tmp_path / "converted")
@@ -377,7 +380,7 @@ def test_converted_hf_model_continues_pretraining(hf_pair, tmp_path):
   subprocess.run([sys.executable, "-m", "bltjax.convert", f"--hf_dir={directory}",
                   f"--out={out}"], check=True, env=env)
   blt = BLT.from_hf(directory)
-  cfg = configs.tiny(configs.load(os.path.join(os.path.dirname(__file__), "..", "experiments",
+  cfg = experiment.tiny(experiment.load(os.path.join(os.path.dirname(__file__), "..", "experiments",
                                                "debug.py")))
   model = dataclasses.replace(blt.config, runtime=dataclasses.replace(blt.config.runtime))
   cfg.model = to_dict(model)
@@ -385,7 +388,8 @@ def test_converted_hf_model_continues_pretraining(hf_pair, tmp_path):
   cfg.init_from = out
   cfg.train.update(steps=2, log_every=1, eval_every=0, eval_batches=0)
   # The state a fresh run starts from holds exactly the converted weights.
-  from bltjax import optim, sharding
+  from bltjax.train import optim
+  from bltjax.runtime import sharding
   mesh = sharding.make_mesh(cfg.mesh.shape)
   opt = optim.make_optimizer(cfg.optim, 2)
   abstract, sh = ts.abstract_state(cfg, ts.build_model(cfg), opt, mesh)
@@ -393,8 +397,8 @@ def test_converted_hf_model_continues_pretraining(hf_pair, tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                state.params, blt.params)
   workdir = str(tmp_path / "wd")
-  train.run(cfg, workdir)
+  trainer.run(cfg, workdir)
   assert [r["step"] for r in metrics.read_metrics(workdir) if "loss" in r] == [1, 2]
-  _, meta = checkpoint.Checkpointer(workdir).metadata(2)
+  _, meta = checkpointer.Checkpointer(workdir).metadata(2)
   assert meta["entropy_model"]["path"] == os.path.join(out, "entropy_model")
-  assert meta["entropy_model"]["sha256"] == checkpoint.params_hash(blt.entropy_params)
+  assert meta["entropy_model"]["sha256"] == checkpointer.params_hash(blt.entropy_params)

@@ -15,11 +15,13 @@ from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
 
-from bltjax import BLT, evaluate, harness, tokenizer
-from bltjax.api import param_shapes
+from bltjax import BLT, evaluate
+from bltjax.inference import harness
+from bltjax.inference.api import param_shapes
+from bltjax.model import tokenizer
 from bltjax.model.blt import ByteLatentTransformer
 from bltjax.model.config import PatchingConfig
-from bltjax.model.entropy_model import EntropyModel
+from bltjax.model.lm import TransformerLM
 from tests import tiny
 
 CONTEXT = 64  # the tiny model's context: one length bucket (harness.MIN_BUCKET)
@@ -60,7 +62,7 @@ def tiny_blt() -> BLT:
   cfg, ecfg = tiny.blt_config(window=16, dec_layers=1), tiny.entropy_config(window=16, layers=1)
   tokens = np.ones((1, 8), np.int32)
   params = random_params(ByteLatentTransformer(cfg), 0, tokens, np.ones((1, 9), np.int32))
-  eparams = random_params(EntropyModel(ecfg), 1, tokens)
+  eparams = random_params(TransformerLM(ecfg), 1, tokens)
   params["local_decoder"]["output"]["kernel"] *= 8
   calib = np.zeros((REF_ROWS, CONTEXT), np.int32)  # the shape of direct_logprobs: one compile
   calib[:] = tokenizer.encode(LONG_DOC, add_eos=False)[:CONTEXT]

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from bltjax import BLT, hf_config
+from bltjax import BLT
+from bltjax.interop import hf_config
 from bltjax.model.config import RuntimeConfig
 from tests.hf_models import make_hf_blt, random_tokens
 

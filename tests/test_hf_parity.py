@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from bltjax import BLT, patching
+from bltjax import BLT
+from bltjax.model import patching
 from tests.hf_models import make_hf_blt, random_tokens
 
 CONFIGS = {

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from bltjax import checkpoint
+from bltjax.checkpoint import checkpointer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,4 +29,4 @@ def test_colab_notebook_cells_run(tmp_path):
                        text=True)
   assert res.returncode == 0, res.stderr[-3000:]
   assert "held-out bits per byte" in res.stdout
-  assert checkpoint.Checkpointer(workdir).latest_step() == 4
+  assert checkpointer.Checkpointer(workdir).latest_step() == 4

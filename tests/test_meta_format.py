@@ -17,8 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from bltjax import BLT, errors, meta_config, patching
+from bltjax import BLT
+from bltjax.interop import meta_config
+from bltjax.model import patching
 from bltjax.model.config import RuntimeConfig
+from bltjax.runtime import errors
 from tests.hf_models import random_tokens
 from tests.meta_models import make_case, train_args, write_consolidated, write_hub
 

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bltjax import patching, sharding, tokenizer
-from bltjax.model import layers
+from bltjax.model import layers, patching, tokenizer
 from bltjax.model.blt import ByteLatentTransformer
-from bltjax.model.entropy_model import EntropyModel
+from bltjax.model.lm import TransformerLM
+from bltjax.runtime import sharding
 from tests import tiny
 from tests.jaxprs import all_eqns
 
@@ -63,7 +63,7 @@ def test_documents_do_not_see_each_other(blt):
   la, lb = apply({"params": params}, a, lengths), apply({"params": params}, b, lengths)
   np.testing.assert_allclose(la[0, 20:], lb[0, 20:], atol=1e-5)
 
-  ent = EntropyModel(tiny.entropy_config(window=64))
+  ent = TransformerLM(tiny.entropy_config(window=64))
   ep = init(ent, a)
   ea, eb = ent.apply({"params": ep}, a), ent.apply({"params": ep}, b)
   np.testing.assert_allclose(ea[0, 20:], eb[0, 20:], atol=1e-5)
@@ -73,7 +73,7 @@ def test_documents_do_not_see_each_other(blt):
 def test_entropy_model_window_limits_context():
   """With L layers of window w, position t sees exactly positions > t - L*(w-1)."""
   layers, w, n = 2, 5, 40
-  ent = EntropyModel(tiny.entropy_config(window=w, layers=layers))
+  ent = TransformerLM(tiny.entropy_config(window=w, layers=layers))
   rng = np.random.default_rng(2)
   a = np.concatenate([[1], random_bytes(rng, n - 1)])[None]
   params = init(ent, a)

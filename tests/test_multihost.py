@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from bltjax import metrics
+from bltjax.train import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEBUG = os.path.join(REPO, "experiments", "debug.py")

@@ -7,10 +7,12 @@ import jax
 import numpy as np
 import pytest
 
-from bltjax import batch as batch_lib
-from bltjax import checkpoint, configs, metrics, patcher, patching, sharding, tokenizer, train
+from bltjax.checkpoint import checkpointer
+from bltjax.model import patching, tokenizer
 from bltjax.model.config import PatchingConfig
-from bltjax.model.entropy_model import EntropyModel
+from bltjax.model.lm import TransformerLM
+from bltjax.runtime import sharding
+from bltjax.train import batch as batch_lib, experiment, metrics, patcher, trainer
 
 from tests import tiny
 
@@ -45,11 +47,11 @@ def test_overflowing_rows_are_merged_and_counted():
 def entropy_ckpt(tmp_path_factory):
   """A random-init tiny entropy model saved in the training layout."""
   cfg = tiny.entropy_config(window=16)
-  model = EntropyModel(cfg)
+  model = TransformerLM(cfg)
   tokens = np.ones((1, 32), np.int32)
   params = sharding.unbox(jax.jit(model.init)(jax.random.key(3), tokens)["params"])
   path = str(tmp_path_factory.mktemp("entropy"))
-  checkpoint.save_params(path, jax.device_get(params),
+  checkpointer.save_params(path, jax.device_get(params),
                          dict(model=dataclasses.asdict(cfg), model_type="entropy_model"), {})
   return path
 
@@ -65,8 +67,8 @@ def _rows(n_rows=8, seq_len=64, seed=0):
 
 
 def _patching(entropy_ckpt, placement, **pc):
-  _, ent_config, _, _ = checkpoint.load_params(entropy_ckpt)
-  return patcher.Patching(_pc("entropy", **pc), 40, placement,
+  _, ent_config, _, _ = checkpointer.load_params(entropy_ckpt)
+  return patcher.Patcher(_pc("entropy", **pc), 40, placement,
                           patcher.EntropySpec(entropy_ckpt, ent_config["model"]), None, {})
 
 
@@ -84,7 +86,7 @@ def test_host_and_accelerator_patching_cut_the_same_patches(entropy_ckpt, rule):
             max_length=dict(threshold=mid, max_patch_length=3))[rule.replace("global", "global_")]
   host = _patching(entropy_ckpt, "host", **pc).host_transform().map(rows)
   mesh = sharding.make_mesh((2, 4, 1))
-  cfg = configs.tiny(configs.load("experiments/debug.py"))
+  cfg = experiment.tiny(experiment.load("experiments/debug.py"))
   cfg.data.seq_len = 64
   cfg.patching.update(device="accelerator", max_patches=40)
   specs = batch_lib.input_spec(cfg, 8, with_entropies=False)
@@ -106,10 +108,10 @@ def test_stored_entropies_cut_the_same_patches_on_both_placements(entropy_ckpt):
   rows["entropies"] = np.random.default_rng(1).uniform(0, 5, rows["tokens"].shape).astype(
       np.float32)
   meta = dict(entropy_model=dict(path="x", step=0, sha256="0"))
-  p = patcher.Patching(_pc("entropy", threshold=2.5), 40, "host", None, None, meta)
+  p = patcher.Patcher(_pc("entropy", threshold=2.5), 40, "host", None, None, meta)
   host = p.host_transform().map(rows)
   mesh = sharding.make_mesh((1, 8, 1))
-  cfg = configs.tiny(configs.load("experiments/debug.py"))
+  cfg = experiment.tiny(experiment.load("experiments/debug.py"))
   cfg.data.seq_len = 64
   cfg.patching.update(device="accelerator", max_patches=40)
   specs = batch_lib.input_spec(cfg, 8, with_entropies=True)
@@ -122,7 +124,7 @@ def test_stored_entropies_cut_the_same_patches_on_both_placements(entropy_ckpt):
 
 
 def _tiny_entropy_blt(entropy_ckpt, device, steps=6):
-  cfg = configs.tiny(configs.load("experiments/debug.py"))
+  cfg = experiment.tiny(experiment.load("experiments/debug.py"))
   cfg.patching.update(device=device, entropy_model_checkpoint=entropy_ckpt, threshold=None,
                       target_patch_size=3.0)
   cfg.train.update(steps=steps, log_every=1, checkpoint_every=3, eval_every=3, eval_batches=1)
@@ -137,9 +139,9 @@ def _records(workdir):
 def test_accelerator_patching_trains_resumes_and_logs_like_host_patching(tmp_path, entropy_ckpt):
   """Host patching straight through vs accelerator patching stopped at step 3 and resumed."""
   host, acc = str(tmp_path / "host"), str(tmp_path / "acc")
-  train.run(_tiny_entropy_blt(entropy_ckpt, "host"), host)
-  train.run(_tiny_entropy_blt(entropy_ckpt, "accelerator"), acc, stop_at_step=3)
-  train.run(_tiny_entropy_blt(entropy_ckpt, "accelerator"), acc)
+  trainer.run(_tiny_entropy_blt(entropy_ckpt, "host"), host)
+  trainer.run(_tiny_entropy_blt(entropy_ckpt, "accelerator"), acc, stop_at_step=3)
+  trainer.run(_tiny_entropy_blt(entropy_ckpt, "accelerator"), acc)
   a, b = _records(host), _records(acc)
   assert sorted(a) == sorted(b) == list(range(1, 7))
   for s in a:
@@ -151,6 +153,6 @@ def test_accelerator_patching_trains_resumes_and_logs_like_host_patching(tmp_pat
   want = [r["eval_bpb"] for r in metrics.read_metrics(host) if "eval_bpb" in r]
   np.testing.assert_allclose(evals, want, rtol=1e-5)
   # The calibrated threshold is the same and recorded in both runs' checkpoints.
-  thresholds = [checkpoint.Checkpointer(w).metadata(6)[1]["patching_threshold"]
+  thresholds = [checkpointer.Checkpointer(w).metadata(6)[1]["patching_threshold"]
                 for w in (host, acc)]
   assert thresholds[0] == thresholds[1]

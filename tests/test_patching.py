@@ -1,4 +1,4 @@
-"""Tests for bltjax.patching. Expected values are worked out by hand."""
+"""Tests for bltjax.model.patching. Expected values are worked out by hand."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from bltjax import patching as pt
+from bltjax.model import patching as pt
 
 
 def _encode(text):

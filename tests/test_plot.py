@@ -15,10 +15,12 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from bltjax import BLT, metrics, patcher, patching, plot, tokenizer  # noqa: E402
+from bltjax import BLT, plot  # noqa: E402
+from bltjax.model import patching, tokenizer  # noqa: E402
 from bltjax.model.blt import ByteLatentTransformer  # noqa: E402
 from bltjax.model.config import PatchingConfig, to_dict  # noqa: E402
-from bltjax.model.entropy_model import EntropyModel  # noqa: E402
+from bltjax.model.lm import TransformerLM  # noqa: E402
+from bltjax.train import metrics, patcher  # noqa: E402
 from tests import tiny  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +36,7 @@ def blt():
   # Only the entropy model computes here: the BLT's params are zeros (no compilation).
   shapes = jax.eval_shape(ByteLatentTransformer(cfg).init, jax.random.key(0), tokens,
                           np.ones((1, 9), np.int32))
-  eparams = jax.jit(EntropyModel(ecfg).init)(jax.random.key(1), tokens)
+  eparams = jax.jit(TransformerLM(ecfg).init)(jax.random.key(1), tokens)
   unbox = lambda t: jax.tree.map(lambda x: x.unbox(), t["params"],  # noqa: E731
                                  is_leaf=lambda x: hasattr(x, "unbox"))
   params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), unbox(shapes))
@@ -228,7 +230,7 @@ def test_write_image(blt, tmp_path):
   assert remote._dirty and tensorboard_images(str(tmp_path / "remote"), "patches/entropy")
 
 
-class _Evaluator:  # what TrainingFigure reads of bltjax.heldout.Evaluator: its first eval batch
+class _Evaluator:  # what TrainingFigure reads of bltjax.train.heldout.Evaluator: its first eval batch
   def __init__(self, rows):
     self.rows = [np.array(rows, np.int32)[0]]
 
@@ -240,7 +242,7 @@ def test_training_figure(blt, tmp_path):
   blt.save(str(tmp_path / "model"))
   spec = patcher.EntropySpec(str(tmp_path / "model" / "entropy_model"),
                              to_dict(blt.entropy_config))
-  run = patcher.Patching(blt.patching_config, 64, "host", spec, None, {})
+  run = patcher.Patcher(blt.patching_config, 64, "host", spec, None, {})
   doc = tokenizer.encode(TEXT)  # BOS ... EOS, then the next document
   row = np.concatenate([doc, tokenizer.encode("next document")])[None]
   evaluator = _Evaluator(row)
@@ -261,7 +263,7 @@ def test_training_figure(blt, tmp_path):
   assert images[0][1].encoded_image_string == _reencoded(want)
 
   assert plot.TrainingFigure.create(None) is None
-  broken = plot.TrainingFigure.create(patcher.Patching(
+  broken = plot.TrainingFigure.create(patcher.Patcher(
       blt.patching_config, 64, "host", patcher.EntropySpec(str(tmp_path / "none"), spec.model),
       None, {}))
   broken.log(writer, 4, evaluator)  # logged, never raised
@@ -279,11 +281,11 @@ def _reencoded(png: bytes) -> bytes:
 
 @pytest.mark.long  # two tiny training stages (~2-3 min on 2 busy cores)
 def test_training_run_logs_the_entropy_figure(tmp_path):
-  from bltjax import configs, train
+  from bltjax.train import experiment, trainer
   workdir = str(tmp_path / "wd")
-  config = configs.tiny(configs.load(os.path.join(REPO, "experiments", "debug.py")))
+  config = experiment.tiny(experiment.load(os.path.join(REPO, "experiments", "debug.py")))
   config.train.entropy_figure = True  # tiny() turns it off
-  train.run(config, workdir)
+  trainer.run(config, workdir)
   images = tensorboard_images(os.path.join(workdir, "tensorboard"), plot.TAG)
   assert [s for s, _ in images] == [4]
   assert not tensorboard_images(os.path.join(workdir, "entropy_model", "tensorboard"), plot.TAG)

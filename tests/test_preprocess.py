@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
-from bltjax import checkpoint, configs, patcher, patching
-from bltjax.data import pipeline
-from bltjax.data import preprocessed as pre
-from bltjax.model.config import EntropyModelConfig
-from bltjax.model.entropy_model import EntropyModel
+from bltjax.checkpoint import checkpointer
+from bltjax.data import pipeline, preprocessed as pre
+from bltjax.model import patching
+from bltjax.model.config import LMConfig
+from bltjax.model.lm import TransformerLM
+from bltjax.train import experiment, patcher
 
 from tests.gcs import gcs  # noqa: F401  (fixture)
 from tests.test_data_pipeline import corpus  # noqa: F401  (fixture)
@@ -37,7 +38,7 @@ def overrides(corpus, model):
 
 
 def make_config(corpus, model, **extra):
-  cfg = configs.tiny(configs.load(DEBUG))
+  cfg = experiment.tiny(experiment.load(DEBUG))
   for key, value in (overrides(corpus, model) | extra).items():
     section, field = key.split(".", 1)
     node = cfg[section]
@@ -55,11 +56,11 @@ def entropy_model(tmp_path_factory):
 
 
 def save_entropy_model(directory, seed):
-  stage = configs.entropy_stage_config(configs.tiny(configs.load(DEBUG)))
-  model = EntropyModel(EntropyModelConfig.from_dict(stage.model.to_dict()))
+  stage = experiment.entropy_stage_config(experiment.tiny(experiment.load(DEBUG)))
+  model = TransformerLM(LMConfig.from_dict(stage.model.to_dict()))
   params = nn.unbox(model.init(jax.random.key(seed), np.ones((1, 8), np.int32))["params"])
   params = jax.tree.map(lambda x: np.asarray(x) * 4.0, params)
-  checkpoint.save_params(str(directory), params, stage.to_dict(), {})
+  checkpointer.save_params(str(directory), params, stage.to_dict(), {})
   return directory
 
 
@@ -112,8 +113,8 @@ def test_stored_rows_are_the_online_rows_and_patch_like_online(tmp_path, corpus,
   out = tmp_path / "pre"
   m = run_preprocess(cfg, out)
   assert m["complete"] and m["rows_per_shard"] == {"train": 6, "eval": 2}
-  assert m["entropy_model"]["sha256"] == checkpoint.params_hash(
-      checkpoint.load_params(str(entropy_model))[0])
+  assert m["entropy_model"]["sha256"] == checkpointer.params_hash(
+      checkpointer.load_params(str(entropy_model))[0])
   ent16 = tmp_path / "pre16"
   run_preprocess(cfg, ent16, dtype="float16")
   sample = pre.sample_entropies(make_config(corpus, entropy_model,
@@ -306,15 +307,15 @@ def test_mixture_stores_each_sources_eval_rows(tmp_path, corpus, entropy_model):
 def test_training_on_stored_entropies_matches_online_patching(tmp_path, corpus, entropy_model):
   """The same losses and patch statistics: online host patching (entropy model in the input
   pipeline) vs stored float32 entropies cut on the accelerators (no entropy model loaded)."""
-  from bltjax import metrics, train
+  from bltjax.train import metrics, trainer
   settings = {"patching.threshold": 0.4, "train.steps": 4, "train.log_every": 1,
               "train.eval_every": 4, "train.checkpoint_every": 4, "train.batch_size": 8}
   out = tmp_path / "pre"
   run_preprocess(make_config(corpus, entropy_model, **settings), out)
-  train.run(make_config(corpus, entropy_model, **settings), str(tmp_path / "online"))
+  trainer.run(make_config(corpus, entropy_model, **settings), str(tmp_path / "online"))
   stored = make_config(corpus, entropy_model, **settings, **{
       "data.preprocessed_dir": str(out), "patching.device": "accelerator"})
-  train.run(stored, str(tmp_path / "stored"))
+  trainer.run(stored, str(tmp_path / "stored"))
   a, b = (metrics.read_metrics(str(tmp_path / n)) for n in ("online", "stored"))
   assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) == 5
   for x, y in zip(a, b):

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from bltjax import xla_flags
+from bltjax.runtime import process_setup
 
-_PROGRAM = ("import os, sys; from bltjax import xla_flags; xla_flags.reexec_with_malloc_tuning(); "
+_PROGRAM = ("import os, sys; from bltjax.runtime import process_setup; process_setup.reexec_with_malloc_tuning(); "
             "print(os.environ.get('GLIBC_TUNABLES'), os.getpid(), sys.argv[1:])")
 
 
@@ -26,7 +26,7 @@ def _run(env_update, *args):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_reexec_applies_malloc_tunables_in_the_same_process():
   tunables, same_pid, argv = _run({}, "--flag=1", "x")
-  assert tunables == xla_flags.MALLOC_TUNABLES
+  assert tunables == process_setup.MALLOC_TUNABLES
   assert same_pid  # exec, not a child: signals and PIDs seen by launchers stay valid
   assert argv == "['--flag=1', 'x']"
 

@@ -30,18 +30,18 @@ def test_checkpoints_in_a_bucket(gcs):
   run, out = gcs.gs("ckpt/run"), gcs.gs("ckpt/params")
   gcs.python(_code(f"""
     import grain, jax, numpy as np
-    from bltjax import checkpoint
-    assert checkpoint.checkpoint_dir("{run}") == "{run}/checkpoints"
+    from bltjax.checkpoint import checkpointer
+    assert checkpointer.checkpoint_dir("{run}") == "{run}/checkpoints"
     state = {{"params": {{"w": np.arange(6.0).reshape(2, 3)}}, "opt": {{"m": np.ones(3)}}}}
     it = iter(grain.MapDataset.range(10).to_iter_dataset())
-    ckpt = checkpoint.Checkpointer("{run}")
+    ckpt = checkpointer.Checkpointer("{run}")
     for step in (1, 2):
       assert next(it) == step - 1
       ckpt.save(step, jax.tree.map(lambda x: x * step, state), it, {{"model_type": "blt"}},
                 {{"entropy_model": {{"path": "entropy_model"}}}})
     ckpt.close()
 
-    ckpt = checkpoint.Checkpointer("{run}")
+    ckpt = checkpointer.Checkpointer("{run}")
     assert ckpt.latest_step() == 2
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
         sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])), state)
@@ -53,16 +53,16 @@ def test_checkpoints_in_a_bucket(gcs):
     ckpt.close()
 
     for path in ("{run}", "{run}/checkpoints", "{run}/checkpoints/1"):
-      print(path, checkpoint.find_checkpoint(path))
-    params, config, meta, step = checkpoint.load_params("{run}")
+      print(path, checkpointer.find_checkpoint(path))
+    params, config, meta, step = checkpointer.load_params("{run}")
     assert step == 2 and config == {{"model_type": "blt"}}
     np.testing.assert_array_equal(params["w"], 2 * state["params"]["w"])
-    again = checkpoint.restore_params("{run}", abstract["params"])
+    again = checkpointer.restore_params("{run}", abstract["params"])
     np.testing.assert_array_equal(again["w"], 2 * state["params"]["w"])
-    assert checkpoint.recorded_entropy_model("{run}") == "{run}/entropy_model"
+    assert checkpointer.recorded_entropy_model("{run}") == "{run}/entropy_model"
 
-    checkpoint.save_params("{out}", {{"w": np.ones(4, np.float32)}}, {{"model_type": "x"}}, {{}}, 7)
-    params, _, _, step = checkpoint.load_params("{out}")
+    checkpointer.save_params("{out}", {{"w": np.ones(4, np.float32)}}, {{"model_type": "x"}}, {{}}, 7)
+    params, _, _, step = checkpointer.load_params("{out}")
     assert step == 7 and params["w"].tolist() == [1.0] * 4
   """))
   names = gcs.list("ckpt/")
@@ -91,7 +91,7 @@ def test_metrics_and_tensorboard_in_a_bucket_across_two_sessions(gcs):
   workdir = gcs.gs("metrics/run")
   session = _code(f"""
     import sys, time
-    from bltjax import metrics
+    from bltjax.train import metrics
     first = int(sys.argv[1])
     w = metrics.MetricWriter("{workdir}", flush_secs=0.1)
     for step in range(first, first + 3):
@@ -129,7 +129,7 @@ _TINY_BLT = """
   from bltjax import BLT
   from bltjax.model.blt import ByteLatentTransformer
   from bltjax.model.config import PatchingConfig
-  from bltjax.model.entropy_model import EntropyModel
+  from bltjax.model.lm import EntropyModel
   from tests import tiny
   cfg, ecfg = tiny.blt_config(), tiny.entropy_config()
   t = np.ones((1, 8), np.int32)
@@ -171,10 +171,12 @@ def _one_line_error(proc: subprocess.CompletedProcess) -> str:
 
 _CHECKS = """
   import sys
-  from bltjax import BLT, checkpoint, storage
+  from bltjax import BLT
+  from bltjax.checkpoint import checkpointer
+  from bltjax.runtime import storage
   for call in (lambda: storage.check_access(sys.argv[1], write=True),
                lambda: storage.check_access(sys.argv[1]),
-               lambda: checkpoint.Checkpointer(sys.argv[1]),
+               lambda: checkpointer.Checkpointer(sys.argv[1]),
                lambda: BLT.load(sys.argv[1])):
     try:
       call()

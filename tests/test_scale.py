@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, AxisType
 
-from bltjax import batch as batch_lib
-from bltjax import configs, flops, hf_config, optim, sharding, train_state as ts
+from bltjax.interop import hf_config
 from bltjax.model.config import PatchingConfig
+from bltjax.runtime import sharding
+from bltjax.train import batch as batch_lib, experiment, flops, optim, train_state as ts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +43,7 @@ RELEASED_TOTAL = {"1b": 4_533_879_808, "8b": 10_553_570_560}
 
 
 def load(name):
-  return configs.load(os.path.join(REPO, "experiments", f"{name}.py"))
+  return experiment.load(os.path.join(REPO, "experiments", f"{name}.py"))
 
 
 def abstract_params(config):
@@ -80,12 +81,12 @@ def test_parameter_counts_match_transformers(name):
   from transformers import BltConfig, BltForCausalLM
   c = load(name)
   ours = sum(component_counts(abstract_params(c)).values())
-  ent = configs.model_config(configs.entropy_stage_config(c))
+  ent = experiment.model_config(experiment.entropy_stage_config(c))
   ours += sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.meta.unbox(
-      abstract_params(configs.entropy_stage_config(c)))))
+      abstract_params(experiment.entropy_stage_config(c)))))
   pc = PatchingConfig("entropy", 1.3354, None, False, None, None)
   with torch.device("meta"):
-    peer = BltForCausalLM(BltConfig(**hf_config.config_to_hf(configs.model_config(c), ent, pc)))
+    peer = BltForCausalLM(BltConfig(**hf_config.config_to_hf(experiment.model_config(c), ent, pc)))
   theirs = sum(p.numel() for p in peer.parameters())
   assert ours == theirs, (ours, theirs)
   assert abs(ours / {"1b": 4.633e9, "8b": 10.653e9}[name] - 1) < 0.005  # HF audit figures
@@ -118,7 +119,7 @@ def test_8b_is_sharded_on_256_devices():
 
 
 def test_flops_per_byte_accounting():
-  c = configs.model_config(load("8b"))
+  c = experiment.model_config(load("8b"))
   f45 = flops.blt_flops_per_byte(c, 16384, 4.5)
   f9 = flops.blt_flops_per_byte(c, 16384, 9.0)
   # The latent runs once per patch: twice the patch size, (about) half its FLOPs per byte.
@@ -140,7 +141,7 @@ def test_flops_per_byte_accounting():
 def test_compile_only_check_on_fake_devices():
   """bltjax.aot on this machine's 8 fake devices (an 'a100x8' mesh): compiles the real step."""
   from bltjax import aot
-  c = configs.tiny(load("debug"))  # mesh (1, -1, 1): FSDP over the 8 devices, as the paper configs
+  c = experiment.tiny(load("debug"))  # mesh (1, -1, 1): FSDP over the 8 devices, as the paper configs
   r = aot.compile_report(c, "a100x8", mfu=0.4, bytes_per_patch=4.0)
   assert r["error"] is None and r["total"] < r["hbm"]
   assert r["involuntary_remat"] == 0
@@ -150,7 +151,7 @@ def test_compile_only_check_on_fake_devices():
   p = aot.compile_report(c, "a100x8", mfu=0.4, bytes_per_patch=4.0)["patching"]
   assert p["error"] is None and p["arguments"] > 0 and p["temporaries"] > 0
   assert p["flops_per_byte"] == flops.lm_flops_per_byte(
-      configs.model_config(configs.entropy_stage_config(c)), c.data.seq_len, training=False)
+      experiment.model_config(experiment.entropy_stage_config(c)), c.data.seq_len, training=False)
 
 
 HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bltjax.data import documents, formats, pipeline, streams
+from bltjax.data import shards as shards_lib
 from bltjax.data.documents import Document
 
 
@@ -152,7 +153,7 @@ def test_shards_read_their_files_and_every_document_once_per_epoch(tmp_path, kin
   seen, per_split = [], {}
   for split in ("train", "eval"):
     for s in range(3):
-      docs = texts_of(pipeline.tokenized_documents(
+      docs = texts_of(shards_lib.tokenized_documents(
           d, split, seed=1, process_index=s, process_count=3, shuffle=True, num_epochs=2))
       half = len(docs) // 2
       first, second = docs[:half], docs[half:]
@@ -179,7 +180,7 @@ def _key_of(tmp_path, kind, text):
 def test_restored_iterator_continues_with_the_next_document(tmp_path, kind):
   pattern, _ = write_corpus(tmp_path, kind, files=3, docs=(5, 9))
   d = data_cfg(pattern, kind, eval_fraction=0.1, shuffle_window=4)
-  docs = pipeline.tokenized_documents(d, "train", seed=2, process_index=0, process_count=1,
+  docs = shards_lib.tokenized_documents(d, "train", seed=2, process_index=0, process_count=1,
                                       shuffle=True, num_epochs=3)
   full = texts_of(docs)
   states, it = [], iter(docs)
@@ -221,7 +222,7 @@ def test_iterator_memory_does_not_grow_with_documents(tmp_path):
 def test_empty_split_raises_after_a_full_pass(tmp_path):
   pattern, _ = write_corpus(tmp_path, "jsonl", files=2, docs=(2, 3))
   d = data_cfg(pattern, eval_fraction=1e-12)
-  docs = pipeline.tokenized_documents(d, "eval", seed=0, process_index=0, process_count=1,
+  docs = shards_lib.tokenized_documents(d, "eval", seed=0, process_index=0, process_count=1,
                                       shuffle=False)
   with pytest.raises(ValueError, match=r"eval split is empty after a full pass.*2 files"):
     next(iter(docs))

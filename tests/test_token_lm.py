@@ -1,4 +1,4 @@
-"""The token-level baseline (model_type 'token_lm'): the byte-level BPE (bltjax/bpe.py), bits per
+"""The token-level baseline (model_type 'token_lm'): the byte-level BPE (bltjax/data/bpe.py), bits per
 byte over BPE targets, its FLOPs, its config section and a tiny run end to end."""
 
 import copy
@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bltjax import bpe, configs, flops, metrics, step as step_lib, tokenizer, train
-from bltjax import train_state as ts
-from bltjax.data import documents, pipeline, sources
+from bltjax.data import bpe, documents, pipeline, sources
 from bltjax.data.documents import Document
+from bltjax.model import tokenizer
+from bltjax.train import experiment, flops, metrics, step as step_lib, train_state as ts, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN_LM = os.path.join(REPO, "experiments", "token_lm.py")
@@ -25,7 +25,7 @@ TEXT = "def f(x):\n    return x + 1  # café, naïve, 東京 <|eos 2|>\n".encode
 
 
 def tiny_config():
-  return configs.load(f"{TOKEN_LM}:tiny")
+  return experiment.load(f"{TOKEN_LM}:tiny")
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +170,7 @@ def test_tokenizer_reads_only_the_training_split_and_is_reused(tmp_path, monkeyp
 
 
 def test_flops_per_byte_is_per_token_over_bytes_per_token():
-  cfg = configs.model_config(configs.load(TOKEN_LM))
+  cfg = experiment.model_config(experiment.load(TOKEN_LM))
   t, seq = cfg.transformer, 112
   per_token = 3 * (t.n_layers * flops.layer_flops(t, (seq + 1) / 2) + 2 * t.dim * cfg.vocab_size)
   assert flops.lm_flops_per_byte(cfg, seq) == pytest.approx(per_token)
@@ -190,28 +190,28 @@ def test_invalid_token_lm_configs_name_the_field(field, value, message):
   section, name = field.split(".")
   config[section][name] = value
   with pytest.raises(ValueError, match=message):
-    configs.validate(config, 1)
+    experiment.validate(config, 1)
   config = tiny_config()
   config.tokenizer.unlock()
   config.tokenizer.vocab = 3
   with pytest.raises(ValueError, match="tokenizer.vocab is not a field"):
-    configs.validate(config, 1)
+    experiment.validate(config, 1)
 
 
 def test_tiny_run_end_to_end_and_resume(tmp_path):
   workdir = str(tmp_path / "run")
   config = tiny_config()
-  configs.validate(config, jax.device_count())
+  experiment.validate(config, jax.device_count())
   assert config.model_type == "token_lm" and config.model.transformer.attn_window is None
-  train.run(config, workdir, stop_at_step=2)
+  trainer.run(config, workdir, stop_at_step=2)
   assert os.path.exists(os.path.join(workdir, bpe.FILE_NAME))
-  train.run(config, workdir)  # resumes at step 2
+  trainer.run(config, workdir)  # resumes at step 2
   records = metrics.read_metrics(workdir)
   steps = [r for r in records if "loss" in r]
   assert [r["step"] for r in steps] == [2, 4]
   for r in steps:
     assert 1.5 < r["bytes_per_token"] < 4 and r["flops_per_byte"] > 0
-    cfg = configs.model_config(config)
+    cfg = experiment.model_config(config)
     assert r["flops_per_byte"] == pytest.approx(
         flops.token_lm_flops_per_byte(cfg, config.data.seq_len, r["bytes_per_token"]))
     assert r["target_bytes"] > 8 * config.data.seq_len  # bytes of text, not tokens
@@ -220,5 +220,5 @@ def test_tiny_run_end_to_end_and_resume(tmp_path):
   assert len(evals) == 1 and 0 < evals[0]["eval_bpb"] < 10
   recorded = json.loads((tmp_path / "run" / "config.json").read_text())
   assert recorded["tokenizer"]["path"] == os.path.join(workdir, bpe.FILE_NAME)
-  assert train.run(config, workdir) is None  # already trained: a no-op
+  assert trainer.run(config, workdir) is None  # already trained: a no-op
   assert metrics.read_metrics(workdir) == records

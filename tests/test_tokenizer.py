@@ -1,4 +1,4 @@
-"""Tests for bltjax.tokenizer: reference ids, bytes input, decode policies."""
+"""Tests for bltjax.model.tokenizer: reference ids, bytes input, decode policies."""
 
 import hypothesis
 import hypothesis.strategies as st
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bltjax import tokenizer as tok
+from bltjax.model import tokenizer as tok
 
 
 def test_constants():

@@ -12,16 +12,17 @@ import numpy as np
 import optax
 import pytest
 
-from bltjax import batch as batch_lib
-from bltjax import checkpoint, configs, metrics, optim, patcher, sharding, step as step_lib, train
-from bltjax import train_state as ts
+from bltjax.checkpoint import checkpointer
+from bltjax.runtime import sharding
+from bltjax.train import (batch as batch_lib, experiment, metrics, optim, patcher, step as step_lib,
+                          train_state as ts, trainer)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEBUG = os.path.join(REPO, "experiments", "debug.py")
 
 
 def tiny_blt(steps=6, **patching):
-  cfg = configs.tiny(configs.load(DEBUG))
+  cfg = experiment.tiny(experiment.load(DEBUG))
   cfg.patching.update(dict(mode="space") | patching)
   cfg.train.update(steps=steps, log_every=1, checkpoint_every=3, eval_every=0, eval_batches=0)
   return cfg
@@ -33,23 +34,23 @@ def losses(workdir):
 
 def test_same_seed_same_losses(tmp_path):
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
-  train.run(tiny_blt(steps=3), a)
-  train.run(tiny_blt(steps=3), b)
+  trainer.run(tiny_blt(steps=3), a)
+  trainer.run(tiny_blt(steps=3), b)
   assert losses(a) == losses(b) and len(losses(a)) == 3
   c = tiny_blt(steps=3)
   c.seed = 1
-  train.run(c, str(tmp_path / "c"))
+  trainer.run(c, str(tmp_path / "c"))
   assert losses(str(tmp_path / "c")) != losses(a)
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  train.run(tiny_blt(), straight)
-  train.run(tiny_blt(), resumed, stop_at_step=3)
+  trainer.run(tiny_blt(), straight)
+  trainer.run(tiny_blt(), resumed, stop_at_step=3)
   assert sorted(losses(resumed)) == [1, 2, 3]
-  train.run(tiny_blt(), resumed)  # the same command again: resumes at step 3
+  trainer.run(tiny_blt(), resumed)  # the same command again: resumes at step 3
   assert losses(resumed) == losses(straight)  # bitwise, data order included
-  assert checkpoint.Checkpointer(resumed).latest_step() == 6
+  assert checkpointer.Checkpointer(resumed).latest_step() == 6
 
 
 @pytest.mark.long  # ~50 s: in .ci/run's `pytest -m long`
@@ -58,14 +59,14 @@ def test_restore_onto_a_different_mesh(tmp_path):
   cfg = tiny_blt()
   cfg.mesh.shape = (2, 2, 2)
   reference, moved = str(tmp_path / "ref"), str(tmp_path / "moved")
-  train.run(cfg, reference)
-  train.run(cfg, moved, stop_at_step=3)
+  trainer.run(cfg, reference)
+  trainer.run(cfg, moved, stop_at_step=3)
   script = (
-      "from bltjax import xla_flags; xla_flags.set_defaults()\n"
+      "from bltjax.runtime import process_setup; process_setup.set_defaults()\n"
       "import jax, sys; sys.path.insert(0, %r)\n"
       "assert jax.device_count() == 4\n"
-      "from tests.test_train import tiny_blt; from bltjax import train\n"
-      "cfg = tiny_blt(); cfg.mesh.shape = (1, 4, 1); train.run(cfg, %r)\n" % (REPO, moved))
+      "from tests.test_train import tiny_blt; from bltjax.train import trainer\n"
+      "cfg = tiny_blt(); cfg.mesh.shape = (1, 4, 1); trainer.run(cfg, %r)\n" % (REPO, moved))
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu")
   subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=REPO)
@@ -162,7 +163,7 @@ def test_invalid_configs_name_the_field(field, value, message):
     node = node[part]
   node[name] = value
   with pytest.raises(ValueError, match=message):
-    configs.validate(cfg, 8)
+    experiment.validate(cfg, 8)
 
 
 def test_quickstart_command_end_to_end(tmp_path):
@@ -178,14 +179,14 @@ def test_quickstart_command_end_to_end(tmp_path):
             "data_wait_fraction"} <= set(records[0])
     assert any("eval_bpb" in r for r in records)
     assert os.listdir(os.path.join(stage, "tensorboard"))
-    assert checkpoint.Checkpointer(stage).latest_step() == 4
+    assert checkpointer.Checkpointer(stage).latest_step() == 4
   blt_records = metrics.read_metrics(workdir)
   assert "bytes_per_patch" in blt_records[0]
-  _, meta = checkpoint.Checkpointer(workdir).metadata(4)
+  _, meta = checkpointer.Checkpointer(workdir).metadata(4)
   ent = meta["entropy_model"]
   assert ent["path"] == os.path.join(workdir, "entropy_model") and len(ent["sha256"]) == 64
-  params, _, _, _ = checkpoint.load_params(ent["path"])
-  assert checkpoint.params_hash(params) == ent["sha256"]
+  params, _, _, _ = checkpointer.load_params(ent["path"])
+  assert checkpointer.params_hash(params) == ent["sha256"]
   assert meta["patching_threshold"] > 0
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["patching"]["mode"] == "entropy"
@@ -228,7 +229,7 @@ def test_sigkill_then_rerun_continues_with_the_same_losses(tmp_path, uninterrupt
   killed = str(tmp_path / "killed")
   proc, cmd, env = _signal_after(killed, 6, signal.SIGKILL, stderr=subprocess.DEVNULL)
   proc.wait()
-  assert checkpoint.Checkpointer(killed).latest_step() < 12
+  assert checkpointer.Checkpointer(killed).latest_step() < 12
   subprocess.run(cmd, check=True, env=env, cwd=str(tmp_path))
   assert losses(killed) == uninterrupted_losses
 
@@ -242,6 +243,6 @@ def test_sigterm_checkpoints_exits_zero_and_resumes(tmp_path, uninterrupted_loss
   proc, cmd, env = _signal_after(run, 3, signal.SIGTERM, stderr=subprocess.PIPE)
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err.decode()[-2000:]
-  assert 3 <= checkpoint.Checkpointer(run).latest_step() < 12 and b"preempted" in err
+  assert 3 <= checkpointer.Checkpointer(run).latest_step() < 12 and b"preempted" in err
   subprocess.run(cmd, check=True, env=env, cwd=str(tmp_path))
   assert losses(run) == uninterrupted_losses

@@ -11,8 +11,9 @@ import numpy as np
 import optax
 import pytest
 
-from bltjax import checkpoint, configs, errors, metrics, step as step_lib, train
-from bltjax import train_state as ts
+from bltjax.checkpoint import checkpointer
+from bltjax.runtime import errors
+from bltjax.train import experiment, metrics, step as step_lib, train_state as ts, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,7 +83,7 @@ def test_spikes_are_not_judged_before_the_window_fills():
 
 
 def _tiny_lm(steps=6, **train_fields):
-  cfg = configs.entropy_stage_config(configs.tiny(configs.load(
+  cfg = experiment.entropy_stage_config(experiment.tiny(experiment.load(
       os.path.join(REPO, "experiments", "debug.py"))))
   cfg.train.update(dict(steps=steps, log_every=2, checkpoint_every=2, eval_every=0,
                         eval_batches=0) | train_fields)
@@ -92,16 +93,16 @@ def _tiny_lm(steps=6, **train_fields):
 @pytest.mark.long  # the same through the command line: tests/test_faults.py
 def test_divergence_stops_the_run_and_keeps_the_good_checkpoints(tmp_path):
   wd = str(tmp_path / "wd")
-  train.run(_tiny_lm(steps=2), wd)  # a good checkpoint at step 2
+  trainer.run(_tiny_lm(steps=2), wd)  # a good checkpoint at step 2
   cfg = _tiny_lm(steps=8)
   cfg.optim.lr = 1e30  # the next update overflows
   with pytest.raises(errors.TrainingDiverged,
                      match=r"since step 2 had a non-finite.*checkpoint \(step 2\) is intact"):
-    train.run(cfg, wd)
-  ckpt = checkpoint.Checkpointer(wd)
+    trainer.run(cfg, wd)
+  ckpt = checkpointer.Checkpointer(wd)
   assert ckpt.manager.all_steps() == [2]  # nothing saved after the bad step
   ckpt.close()
-  params = checkpoint.load_params(wd)[0]
+  params = checkpointer.load_params(wd)[0]
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
   logged = [r for r in metrics.read_metrics(wd) if "nonfinite_steps" in r]
   assert logged[-1]["nonfinite_steps"] >= 1
@@ -111,7 +112,7 @@ def test_skip_policy_skips_and_stops_after_too_many_in_a_row(tmp_path):
   cfg = _tiny_lm(steps=6, nonfinite="skip", max_skipped_steps=3)
   cfg.optim.lr = 1e30  # every update overflows
   with pytest.raises(errors.TrainingDiverged, match=r"updates in a row were skipped"):
-    train.run(cfg, str(tmp_path / "wd"))
+    trainer.run(cfg, str(tmp_path / "wd"))
   skipped = [r["skipped_steps"] for r in metrics.read_metrics(str(tmp_path / "wd"))
              if "skipped_steps" in r]
   assert skipped == sorted(skipped) and skipped[-2] >= 1 and skipped[-1] > 3  # logged, then stop

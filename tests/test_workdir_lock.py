@@ -1,4 +1,4 @@
-"""bltjax.workdir_lock: one run per workdir. Holders other than this process are simulated with
+"""bltjax.checkpoint.workdir_lock: one run per workdir. Holders other than this process are simulated with
 lock files naming a live `sleep` subprocess, a killed one, another host or another machine, and with
 real subprocesses for the SIGKILL and race cases; gs:// against the emulator of tests/gcs.py."""
 
@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from bltjax import errors, workdir_lock
+from bltjax.checkpoint import workdir_lock
+from bltjax.runtime import errors
 from tests.gcs import REPO, gcs  # noqa: F401 (the fixture)
 
 LOCK = workdir_lock.LOCK_NAME
@@ -97,7 +98,7 @@ def test_lock_of_a_sigkilled_run_is_taken_over(tmp_path, caplog):
   """A real holder killed with SIGKILL leaves its lock; the next run sees the dead PID."""
   code = textwrap.dedent(f"""
       import os, signal
-      from bltjax import workdir_lock
+      from bltjax.checkpoint import workdir_lock
       with workdir_lock.hold({str(tmp_path)!r}, enabled=True):
         os.kill(os.getpid(), signal.SIGKILL)
   """)
@@ -240,7 +241,8 @@ def test_young_corrupt_lock_is_waited_for(tmp_path, sleeper, monkeypatch):
 
 _RACER = """
 import sys, time
-from bltjax import errors, workdir_lock
+from bltjax.checkpoint import workdir_lock
+from bltjax.runtime import errors
 path, start_at = sys.argv[1], float(sys.argv[2])
 time.sleep(max(0.0, start_at - time.time()))
 try:
@@ -282,7 +284,7 @@ def test_bad_intervals_are_rejected(tmp_path):
 
 _GCS_HOLDER = """
 import sys
-from bltjax import workdir_lock
+from bltjax.checkpoint import workdir_lock
 with workdir_lock.hold(sys.argv[1], enabled=True):
   print("held", flush=True)
   sys.stdin.readline()
@@ -299,7 +301,8 @@ def test_gcs_acquire_refuse_release(gcs):
     h = json.loads(gcs.read("locked/run/.lock"))
     assert h["pid"] == holder.pid and h["host"] == workdir_lock._HOST
     second = gcs.python(f"""
-from bltjax import errors, workdir_lock
+from bltjax.checkpoint import workdir_lock
+from bltjax.runtime import errors
 try:
   workdir_lock.hold({url!r}, enabled=True).__enter__()
   print("entered")
@@ -319,7 +322,7 @@ except errors.WorkdirLocked as e:
 def test_gcs_stale_lock_is_taken_over_and_races_have_one_winner(gcs):
   gcs.upload("stale/run/.lock", json.dumps(_holder(host="elsewhere", heartbeat=_ago(3600))).encode())
   out = gcs.python(f"""
-from bltjax import workdir_lock
+from bltjax.checkpoint import workdir_lock
 with workdir_lock.hold({gcs.gs("stale/run")!r}, enabled=True):
   print("won")
 """)
@@ -347,7 +350,7 @@ def test_gcs_create_sends_the_create_only_precondition(gcs):
   """Real Cloud Storage answers a second create with HTTP 412 (the emulator ignores the
   precondition): check that the request carries it and that the refusal reads as "exists"."""
   out = gcs.python(f"""
-from bltjax import workdir_lock
+from bltjax.checkpoint import workdir_lock
 store = workdir_lock._Gcs({gcs.gs("precondition/run")!r})
 calls, original = [], store.fs._call
 async def spy(method, path, *args, **kwargs):
@@ -370,7 +373,8 @@ def test_gcs_a_racer_writing_after_us_wins(gcs):
   after us: the re-read after GCS_SETTLE_S sees its lock, and we stand down."""
   out = gcs.python(f"""
 import json
-from bltjax import errors, workdir_lock
+from bltjax.checkpoint import workdir_lock
+from bltjax.runtime import errors
 create = workdir_lock._Gcs.create
 def create_then_overwritten(self, data):
   created = create(self, data)

@@ -1,6 +1,6 @@
 """Tiny model configs for unit tests (the experiments/ configs are exercised end to end elsewhere)."""
 
-from bltjax.model.config import (BLTConfig, EntropyModelConfig, RuntimeConfig, TransformerConfig)
+from bltjax.model.config import BLTConfig, LMConfig, RuntimeConfig, TransformerConfig
 
 
 def transformer(dim=32, layers=2, heads=2, kv_heads=None, window=None, theta=500000.0):
@@ -25,5 +25,5 @@ def blt_config(*, window=8, k=2, enc_layers=1, all_enc=False, dec_layers=2, all_
 
 
 def entropy_config(*, window=8, layers=2, dtype="float32"):
-  return EntropyModelConfig(transformer=transformer(layers=layers, window=window, theta=10000.0),
+  return LMConfig(transformer=transformer(layers=layers, window=window, theta=10000.0),
                             runtime=runtime(dtype))

@@ -3,9 +3,9 @@
 
 A reader (`bltjax.data.sources`: random access; `bltjax.data.streams` and `formats`: JSONL and
 Parquet) returns `Document(data, problem)`. Nothing is dropped silently: a document failing at
-read time comes back with `problem` set (one of `flags.PROBLEMS`: empty, unreadable, malformed,
+read time comes back with `problem` set (one of `flag_table.PROBLEMS`: empty, unreadable, malformed,
 oversized) and becomes a flagged `[BOS, EOS]` in `DocumentToTokens`; the training metrics count
-every flag (`bltjax.data.flags`, the one table of flags). A document longer than
+every flag (`bltjax.data.flag_table`, the one table of flags). A document longer than
 `max_document_bytes` (data.max_document_bytes) keeps its first that many bytes and is flagged
 oversized: a prefix trains, and the cut is counted, not silent.
 
@@ -22,8 +22,8 @@ import typing
 import grain
 import numpy as np
 
-from bltjax import tokenizer
-from bltjax.data import flags
+from bltjax.data import flag_table
+from bltjax.model import tokenizer
 
 Document = typing.NamedTuple("Document", [("data", bytes), ("problem", str | None)])
 # data.max_document_bytes of the experiments: far above any real document, a bound on memory.
@@ -105,7 +105,7 @@ def split_indices(source, eval_fraction: float) -> tuple[np.ndarray, np.ndarray]
 class DocumentToTokens(grain.transforms.Map):
   """Document -> {"tokens": BOS + (byte + 4)... + EOS, "doc_flags": flag bits at index 0}.
 
-  Flags: `bltjax.data.flags`. Invalid UTF-8 and NUL bytes are kept (every byte is a valid input
+  Flags: `bltjax.data.flag_table`. Invalid UTF-8 and NUL bytes are kept (every byte is a valid input
   id) and flagged; the first few of each are logged with their offset and the bytes around it (a
   Document carries no key: the readers log the keys of the problems they meet)."""
 
@@ -114,9 +114,9 @@ class DocumentToTokens(grain.transforms.Map):
 
   def map(self, element) -> dict[str, np.ndarray]:
     data, problem = element
-    if problem is not None and problem not in flags.PROBLEMS:
-      raise ValueError(f"unknown document problem {problem!r}; expected one of {flags.PROBLEMS}")
-    bit = flags.BIT
+    if problem is not None and problem not in flag_table.PROBLEMS:
+      raise ValueError(f"unknown document problem {problem!r}; expected one of {flag_table.PROBLEMS}")
+    bit = flag_table.BIT
     doc_bits = bit[problem] if problem else 0
     if not data and problem is None:
       doc_bits |= bit["empty"]

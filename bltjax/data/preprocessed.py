@@ -2,7 +2,7 @@
 
 The entropy model runs once, offline; training cuts patches from the stored entropies with
 whatever threshold / monotonic / threshold_add / max_patch_length / max_patches its config says
-(`patching.cut_rows`, in `bltjax.patcher`), with no entropy model loaded.
+(`patching.cut_rows`, in `bltjax.train.patcher`), with no entropy model loaded.
 
 Layout of DIR (a local path or a gs:// URL):
 
@@ -42,7 +42,6 @@ set here from STORAGE_EMULATOR_HOST). Its writer takes local paths only, so prep
 shard locally and copies it up.
 """
 
-import functools
 import hashlib
 import json
 import logging
@@ -52,13 +51,14 @@ import grain
 import numpy as np
 from etils import epath
 
-from bltjax import storage
-from bltjax.data import flags
+from bltjax.data import flag_table
+from bltjax.data import shards as shards_lib
+from bltjax.runtime import storage
 
 FORMAT, VERSION = "bltjax.preprocessed", 2
 ENTROPY_DTYPES = ("float16", "float32")
 MANIFEST = "manifest.json"
-_COUNTS = len(flags.FLAGS)  # doc_flag_counts per row
+_COUNTS = len(flag_table.FLAGS)  # doc_flag_counts per row
 # Manifest fields that determine the bytes on disk (the entropy model enters by its sha256).
 IDENTITY = ("format", "version", "seq_len", "shards", "rows_per_shard", "entropy_dtype", "data")
 
@@ -107,14 +107,13 @@ def fingerprint(manifest: dict) -> str:
 
 def data_identity(config) -> dict:
   """The data config fields that, with seq_len and the shard count, determine the rows."""
-  from bltjax.data import pipeline  # pipeline imports this module
   d = config.data
   mixture = [dict(m) for m in (d.get("mixture") or ())]
   return dict(source=d.source, paths=[str(p) for p in (d.paths or ())], text_field=d.text_field,
               eval_fraction=float(d.eval_fraction), seed=int(config.seed),
               mixture=[dict(m, paths=[str(p) for p in m.get("paths", ())]) for m in mixture],
               shuffle_window=d.get("shuffle_window"),
-              max_document_bytes=pipeline.max_document_bytes(d))
+              max_document_bytes=shards_lib.max_document_bytes(d))
 
 
 def read_manifest(directory) -> dict:
@@ -164,7 +163,7 @@ def encode_rows(tokens, targets, mask, doc_flag_counts, entropies, entropy_dtype
     raise ValueError("rows are not packed windows (targets are not the tokens shifted by one)")
   if np.shape(doc_flag_counts) != (r, _COUNTS):
     raise ValueError(f"doc_flag_counts of shape {np.shape(doc_flag_counts)}, expected "
-                     f"{(r, _COUNTS)} (one count per bltjax.data.flags.FLAGS)")
+                     f"{(r, _COUNTS)} (one count per bltjax.data.flag_table.FLAGS)")
   window = np.concatenate([tokens, targets[:, -1:]], axis=1)
   if window.min() < 0 or window.max() > np.iinfo(np.uint16).max:
     raise ValueError(f"token ids outside uint16: [{window.min()}, {window.max()}]")
@@ -217,50 +216,44 @@ class _Decode(grain.transforms.Map):
 # -- checks ----------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=4)
-def _checkpoint_sha256(path: str) -> tuple[str, int]:
-  from bltjax import checkpoint
-  params, _, _, step = checkpoint.load_params(path)
-  return checkpoint.params_hash(params), step
-
-
-def check(manifest: dict, config, entropy_sha256: str | None = None, *,
-          process_count: int | None = None):
-  """Fails naming the problem if `config` cannot train on these rows.
-
-  `entropy_sha256`: the entropy model this run patches with (else the one named by
-  patching.entropy_model_checkpoint, if any, is loaded and hashed). `process_count` checks the
-  data shards when data.shards is 0 (one per process).
-  """
-  where = f"data.preprocessed_dir={manifest.get('directory', '?')}"
-  again = "re-run python -m bltjax.preprocess with this config into another --out"
+def check(manifest: dict, config, *, process_count: int | None = None):
+  """Fails naming the problem if `config` cannot train on these rows. `process_count` checks the
+  data shards when data.shards is 0 (one per process). The entropy model is checked where it is
+  loaded (`check_entropy_model`, by bltjax.train.patcher)."""
+  where = _where(manifest)
   if manifest["seq_len"] != config.data.seq_len:
     raise ValueError(f"{where} was written with data.seq_len={manifest['seq_len']}, this run has "
-                     f"data.seq_len={config.data.seq_len}: {again}")
+                     f"data.seq_len={config.data.seq_len}: {_AGAIN}")
   shards = config.data.shards or process_count
   if shards is not None and shards != manifest["shards"]:
     raise ValueError(f"{where} holds {manifest['shards']} data shards, this run reads "
                      f"{shards} (data.shards={config.data.shards}, 0 = one per process, "
                      f"{process_count} processes): set --config.data.shards="
                      f"{manifest['shards']} (any process count dividing it works)")
-  p = config.patching
-  if config.model_type == "blt" and p.mode == "entropy":
-    stored = manifest["entropy_model"]
-    step = None
-    if entropy_sha256 is None and p.entropy_model_checkpoint:
-      entropy_sha256, step = _checkpoint_sha256(str(p.entropy_model_checkpoint))
-    if entropy_sha256 is not None and entropy_sha256 != stored["sha256"]:
-      named = f"{p.entropy_model_checkpoint} (step {step}) " if step is not None else ""
-      raise ValueError(f"{where} holds the entropies of entropy model {stored['path']} (step "
-                       f"{stored['step']}, sha256 {stored['sha256'][:12]}), but this run names "
-                       f"entropy model {named}with sha256 {entropy_sha256[:12]}: {again}, or "
-                       "unset patching.entropy_model_checkpoint")
   have = data_identity(config)
   differ = {k: (manifest["data"].get(k), v) for k, v in have.items()
             if manifest["data"].get(k) != v}
   if differ:
     logging.warning("%s was written from other data settings (stored, this config): %s; training "
                     "reads the stored rows", where, differ)
+
+
+def check_entropy_model(manifest: dict, checkpoint: str, sha256: str, step: int):
+  """Fails if the entropies were not computed by the entropy model at `checkpoint` (the sha256
+  of its params, at `step`), which this run names as patching.entropy_model_checkpoint."""
+  stored = manifest["entropy_model"]
+  if sha256 != stored["sha256"]:
+    raise ValueError(f"{_where(manifest)} holds the entropies of entropy model {stored['path']} "
+                     f"(step {stored['step']}, sha256 {stored['sha256'][:12]}), but this run "
+                     f"names entropy model {checkpoint} (step {step}) with sha256 {sha256[:12]}: "
+                     f"{_AGAIN}, or unset patching.entropy_model_checkpoint")
+
+
+def _where(manifest: dict) -> str:
+  return f"data.preprocessed_dir={manifest.get('directory', '?')}"
+
+
+_AGAIN = "re-run python -m bltjax.preprocess with this config into another --out"
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -298,19 +291,18 @@ def _open(config, split: str, process_count: int | None):
 
 def batches(config, split, *, local_batch_size, process_index, process_count, source=None):
   """IterDataset of this process's local batches: tokens, targets int32 [B, N], mask f32 [B, N],
-  doc_flag_counts int32 [B, len(flags.NAMES)], entropies f32 [B, N]; the online pipeline's
+  doc_flag_counts int32 [B, len(flag_table.NAMES)], entropies f32 [B, N]; the online pipeline's
   batches row for row.
 
-  This process reads `pipeline.data_shards(config.data, ...)`, each shard's rows in order,
+  This process reads `shards.data_shards(config.data, ...)`, each shard's rows in order,
   local_batch_size / len(shards) rows per shard per batch, concatenated in shard order. After the
   stored rows the shard repeats from its first row (logged once). Checkpointable (grain state).
   `source`: one data.mixture component's rows (its per-source evaluation split).
   """
-  from bltjax.data import pipeline  # pipeline imports this module
   steps = config.train.steps if split == "train" else config.train.eval_batches
   split = split_key(split, source)
   directory, manifest = _open(config, split, process_count)
-  shards = pipeline.data_shards(config.data, process_index, process_count)
+  shards = shards_lib.data_shards(config.data, process_index, process_count)
   if local_batch_size % len(shards):
     raise ValueError(f"the local batch of {local_batch_size} rows does not split over this "
                      f"process's {len(shards)} data shards")
@@ -332,7 +324,7 @@ def batches(config, split, *, local_batch_size, process_index, process_count, so
           .batch(per, drop_remainder=True).map(_Decode(n, dtype)))
     parts.append(ds.to_iter_dataset(grain.ReadOptions(num_threads=d.read_threads,
                                                       prefetch_buffer_size=d.read_buffer)))
-  return parts[0] if len(parts) == 1 else pipeline.ConcatBatches(parts)
+  return parts[0] if len(parts) == 1 else shards_lib.ConcatBatches(parts)
 
 
 def sample_entropies(config, rows: int) -> np.ndarray:

@@ -27,7 +27,7 @@ local sizes mirror the letters (`b, n, h, e = q_BxNxHxE.shape`), and so do einsu
   Q, M  query rows and key rows of an attention kernel whose queries and keys are not both the
      N positions of a row
   U  query chunk of blockwise local attention (a divisor of the attention window); nU chunks
-  Y, J  stop sequences, and their padded length (bltjax.sampling)
+  Y, J  stop sequences, and their padded length (bltjax.inference.sampling)
 
 "window" always means the attention window (`attn_window`: the keys a query sees).
 """

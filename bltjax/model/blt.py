@@ -4,12 +4,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bltjax import patching, tokenizer
-from bltjax.model import hashing
+from bltjax.model import hashing, patching, tokenizer
 from bltjax.model.config import BLTConfig
-from bltjax.model.entropy_model import document_ids
 from bltjax.model.latent import LatentTransformer
 from bltjax.model.layers import Embed, constrain, row_positions
+from bltjax.model.lm import document_ids
 from bltjax.model.local_models import LocalDecoder, LocalEncoder
 from bltjax.model.transformer import ACT
 

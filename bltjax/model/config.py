@@ -8,8 +8,8 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
-from bltjax.patching import PATCHING_MODES
-from bltjax.tokenizer import VOCAB_SIZE  # 260: 256 bytes + BOE/pad, BOS, EOS, BPE.
+from bltjax.model.patching import PATCHING_MODES
+from bltjax.model.tokenizer import VOCAB_SIZE  # 260: 256 bytes + BOE/pad, BOS, EOS, BPE.
 
 
 def swiglu_hidden_dim(dim: int, multiplier: float = 1.0, multiple_of: int = 256) -> int:
@@ -150,7 +150,7 @@ class BLTConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class EntropyModelConfig:
+class LMConfig:
   """The small byte LM whose next-byte entropy cuts patches (reference: LMTransformer)."""
   transformer: TransformerConfig
   runtime: RuntimeConfig

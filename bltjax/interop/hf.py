@@ -8,7 +8,7 @@ offsets (safe_open needs a local file), and files are written through epath.
 
 One table, `key_map`, lists every tensor: our parameter path, the HF name(s) (one per layer for
 scanned stacks) and whether the matrix is transposed (PyTorch Linear weights are [out, in]).
-The config.json side (the port's defaults, what it cannot express) is `bltjax.hf_config`.
+The config.json side (the port's defaults, what it cannot express) is `bltjax.interop.hf_config`.
 """
 
 import json
@@ -20,8 +20,9 @@ import numpy as np
 from etils import epath
 from safetensors import safe_open
 
-from bltjax import hf_config, storage
-from bltjax.model.config import BLTConfig, EntropyModelConfig, PatchingConfig
+from bltjax.interop import hf_config
+from bltjax.model.config import BLTConfig, LMConfig, PatchingConfig
+from bltjax.runtime import storage
 
 Path = tuple[str, ...]
 
@@ -87,7 +88,7 @@ def blt_key_map(cfg: BLTConfig) -> list[tuple[Path, str | list[str], bool]]:
   return m
 
 
-def entropy_key_map(cfg: EntropyModelConfig, prefix: str = "model.patcher.") -> list:
+def entropy_key_map(cfg: LMConfig, prefix: str = "model.patcher.") -> list:
   m = [(("tok_embeddings", "embedding"), prefix + "embed_tokens.weight", False)]
   m += _stacked(("stack", "layers"), prefix + "layers", cfg.transformer.n_layers, _BLOCK)
   m.append((("norm", "scale"), prefix + "norm.weight", False))
@@ -245,7 +246,7 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray]):
 
 
 def save_hf(directory: str, model: BLTConfig, params, patching: PatchingConfig,
-            entropy: EntropyModelConfig | None = None, entropy_params=None, *,
+            entropy: LMConfig | None = None, entropy_params=None, *,
             dtype=np.float32, max_context: int | None = None):
   """Writes config.json + model.safetensors that `BltForCausalLM.from_pretrained` loads
   (`directory` local or gs://)."""

@@ -6,7 +6,7 @@ The baseline is BLT's latent transformer stack over BPE tokens (`EntropyModel` w
 first `tokenizer.train_bytes` bytes of the training split (never the held-out documents) and kept
 in WORKDIR/tokenizer.json, which a re-run reuses.
 
-Ids 0..3 are pad/BOS/EOS/unused as in `bltjax.tokenizer`, so the model's document split at
+Ids 0..3 are pad/BOS/EOS/unused as in `bltjax.model.tokenizer`, so the model's document split at
 `EOS_ID` works unchanged. They are plain vocabulary entries, not HF "added tokens": text that
 contains their names is ordinary text. Their names hold a space, which no byte-level token holds,
 so no merge ever produces them.
@@ -20,7 +20,7 @@ token's byte count is the length of that string.
 Byte accounting (bits per *byte*, comparable with the byte models): `token_bytes` is the number of
 text bytes a token covers; BOS covers 0 and EOS counts as 1, because the byte models predict EOS as
 one target byte. The denominators of both kinds of model are then the same for the same documents
-(text bytes + 1 per document), and loss = nats / bytes (bltjax.step).
+(text bytes + 1 per document), and loss = nats / bytes (bltjax.train.step).
 """
 
 import functools
@@ -32,8 +32,10 @@ import re
 from etils import epath
 import numpy as np
 
-from bltjax import storage, tokenizer
 from bltjax.data import documents, mixture
+from bltjax.data import shards as shards_lib
+from bltjax.model import tokenizer
+from bltjax.runtime import storage
 
 FILE_NAME = "tokenizer.json"  # in the workdir, when tokenizer.path is None
 SPECIALS = ("<|pad 0|>", "<|bos 1|>", "<|eos 2|>", "<|unused 3|>")  # ids 0..3
@@ -119,12 +121,11 @@ def training_documents(config, max_bytes: int):
   """Bytes of the first documents of the training split, unshuffled (the held-out documents are
   never read), `max_bytes` in all (the last one cut); with data.mixture, each source gives its
   share of `max_bytes` by weight."""
-  from bltjax.data import pipeline  # noqa: PLC0415 (pipeline imports this module)
   comps = mixture.components(config.data)
   total = sum(c.weight for c in comps)
   for c in comps:
     left = int(max_bytes * c.weight / total) if len(comps) > 1 else int(max_bytes)
-    docs = pipeline.tokenized_documents(
+    docs = shards_lib.tokenized_documents(
         config.data, "train", seed=config.seed, process_index=0, process_count=1, shuffle=False,
         num_epochs=1, source=c.name if len(comps) > 1 else None)
     for doc in docs:

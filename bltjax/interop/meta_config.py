@@ -9,7 +9,7 @@ defaults (the tables below are Meta's class defaults), so a stripped config load
 
 from absl import logging
 
-from bltjax.model.config import (BLTConfig, EntropyModelConfig, PatchingConfig, RuntimeConfig,
+from bltjax.model.config import (BLTConfig, LMConfig, PatchingConfig, RuntimeConfig,
                                  TransformerConfig, swiglu_hidden_dim)
 
 _BASE = dict(  # BaseTransformerArgs (bytelatent/base_transformer.py)
@@ -202,18 +202,18 @@ def blt_config(args: dict, where: str, runtime: RuntimeConfig) -> tuple[BLTConfi
   return cfg, a["max_encoder_seq_length"]
 
 
-def _entropy(a: dict, window, where: str, runtime: RuntimeConfig) -> EntropyModelConfig:
+def _entropy(a: dict, window, where: str, runtime: RuntimeConfig) -> LMConfig:
   if a["vocab_size"] is None or a["vocab_size"] < 1:
     _unsupported(where, "vocab_size", a["vocab_size"], "must be positive (260 for bytes)")
   if a["eos_id"] != 2:
     _unsupported(where, "eos_id", a["eos_id"], "documents are split at EOS = 2")
-  return EntropyModelConfig.from_dict(dict(
+  return LMConfig.from_dict(dict(
       transformer=_stack(a, a["dim"], a["n_layers"], a["n_heads"], a["n_kv_heads"], window,
                          where, "entropy model"),
       runtime=runtime, vocab_size=int(a["vocab_size"])))
 
 
-def entropy_config_hub(args: dict, where: str, runtime: RuntimeConfig) -> EntropyModelConfig:
+def entropy_config_hub(args: dict, where: str, runtime: RuntimeConfig) -> LMConfig:
   """LMTransformerArgs of a hub-format entropy model (config.json "args"), as
   `LMTransformer.from_pretrained` builds it."""
   a = _complete(args, LM_DEFAULTS, where, "LMTransformerArgs")
@@ -241,7 +241,7 @@ ENTROPY_WINDOW = 512
 
 
 def entropy_config_consolidated(params: dict, where: str,
-                                runtime: RuntimeConfig) -> EntropyModelConfig:
+                                runtime: RuntimeConfig) -> LMConfig:
   """The `entropy_model` section of a consolidated params.json, as load_entropy_model reads it."""
   got = _complete(params, LM_DEFAULTS, where, "entropy_model")
   missing = [k for k in _CONSOLIDATED_READ if k not in params]

@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 
-from bltjax import errors, storage
+from bltjax.runtime import errors, storage
 
 LOCK_NAME = ".lock"
 # A lock that does not parse is from a writer killed between creating and writing it (or garbage).

@@ -1,7 +1,7 @@
 """A bltjax BLT as a model for EleutherAI's lm-evaluation-harness (`lm_eval`), named "bltjax".
 
     from lm_eval import simple_evaluate
-    from bltjax.harness import BLTLM
+    from bltjax.inference.harness import BLTLM
     simple_evaluate(model=BLTLM(checkpoint="DIR", batch_size=8), tasks=["arc_easy"])
 
 or `python -m bltjax.evaluate --checkpoint=DIR --tasks=arc_easy` (see there).
@@ -24,8 +24,9 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from bltjax import errors, tokenizer
-from bltjax.api import BLT
+from bltjax.inference.api import BLT
+from bltjax.model import tokenizer
+from bltjax.runtime import errors
 
 MIN_BUCKET = 64  # shortest padded row and smallest patch count: fewer programs to compile
 DEFAULT_MAX_GEN_BYTES = 256

@@ -1,5 +1,5 @@
 """What a failed checkpoint read means, how it is reported, and the fallback to the newest
-checkpoint that reads (`newest_readable`, behind bltjax/checkpoint.py's Checkpointer).
+checkpoint that reads (`newest_readable`, behind bltjax/checkpoint/checkpointer.py's Checkpointer).
 
 A read can fail because the checkpoint's files are damaged (truncated, missing, bad metadata): the
 checkpoint is then moved aside and an older one restored. Or it can fail because the storage or
@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from bltjax import errors, storage
+from bltjax.runtime import errors, storage
 
 COMMIT_FILE = "commit_success.txt"  # what marks a finished save on gs:// (Orbax's commit file)
 # Status codes (as TensorStore reports them) and exception types that blame the storage or the

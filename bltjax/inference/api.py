@@ -10,6 +10,7 @@
 
 import functools
 import logging
+import sys
 
 import flax.linen as nn
 import jax
@@ -18,12 +19,14 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 
-from bltjax import generate as generate_lib
-from bltjax import checkpoint, hf, hf_config, meta, patching, sharding, storage, tokenizer
+from bltjax.checkpoint import checkpointer
+from bltjax.inference import generator as generate_lib
+from bltjax.interop import hf, hf_config, meta
+from bltjax.model import patching, tokenizer
 from bltjax.model.blt import ByteLatentTransformer
-from bltjax.model.config import (BLTConfig, EntropyModelConfig, PatchingConfig, RuntimeConfig,
-                                 to_dict)
-from bltjax.model.entropy_model import EntropyModel, entropies_from_logits
+from bltjax.model.config import BLTConfig, LMConfig, PatchingConfig, RuntimeConfig, to_dict
+from bltjax.model.lm import TransformerLM, entropies_from_logits
+from bltjax.runtime import sharding, storage
 
 
 def param_shapes(module: nn.Module, *example_args) -> dict:
@@ -38,8 +41,8 @@ def blt_param_shapes(cfg: BLTConfig) -> dict:
                       np.ones((1, 5), np.int32))
 
 
-def entropy_param_shapes(cfg: EntropyModelConfig) -> dict:
-  return param_shapes(EntropyModel(cfg), np.ones((1, 4), np.int32))
+def entropy_param_shapes(cfg: LMConfig) -> dict:
+  return param_shapes(TransformerLM(cfg), np.ones((1, 4), np.int32))
 
 
 def _with_runtime(model: dict, dtype: str) -> dict:
@@ -61,7 +64,7 @@ class BLT:
   """A BLT with its entropy model and patching settings; all methods take and return numpy."""
 
   def __init__(self, model_cfg: BLTConfig, params, *, patching_cfg: PatchingConfig,
-               entropy_cfg: EntropyModelConfig | None = None, entropy_params=None,
+               entropy_cfg: LMConfig | None = None, entropy_params=None,
                max_context: int = 24576):
     if patching_cfg.mode == "entropy" and entropy_params is None:
       raise ValueError("patching.mode='entropy' needs an entropy model (entropy_params is None)")
@@ -69,7 +72,7 @@ class BLT:
     self.max_context = max_context  # bytes per row the model was trained/converted for
     self.model = ByteLatentTransformer(model_cfg)
     self.params = jax.device_put(params)
-    self.entropy_model = EntropyModel(entropy_cfg) if entropy_cfg is not None else None
+    self.entropy_model = TransformerLM(entropy_cfg) if entropy_cfg is not None else None
     self.entropy_params = None if entropy_params is None else jax.device_put(entropy_params)
 
   @classmethod
@@ -101,7 +104,7 @@ class BLT:
     directory written by `BLT.save` / `python -m bltjax.export` / `python -m bltjax.convert`
     (local or gs://)."""
     storage.check_access(path)
-    params, config, meta, _ = checkpoint.load_params(path)
+    params, config, meta, _ = checkpointer.load_params(path)
     if config.get("model_type") != "blt":
       raise ValueError(f"{path}: holds a {config.get('model_type')!r} model, not a BLT")
     model_cfg = BLTConfig.from_dict(_with_runtime(config["model"], dtype))
@@ -113,12 +116,12 @@ class BLT:
     entropy_cfg = entropy_params = None
     if patching_cfg.mode == "entropy":
       recorded = (meta.get("entropy_model") or {}).get("path")
-      ent_path = checkpoint.resolve(storage.abspath(path), recorded) if recorded else \
+      ent_path = checkpointer.resolve(storage.abspath(path), recorded) if recorded else \
           config["patching"].get("entropy_model_checkpoint")
       if not ent_path:
         raise ValueError(f"{path}: entropy patching, but no entropy model is recorded")
-      entropy_params, ent_config, _, _ = checkpoint.load_params(ent_path)
-      entropy_cfg = EntropyModelConfig.from_dict(_with_runtime(ent_config["model"], dtype))
+      entropy_params, ent_config, _, _ = checkpointer.load_params(ent_path)
+      entropy_cfg = LMConfig.from_dict(_with_runtime(ent_config["model"], dtype))
     return cls(model_cfg, params, patching_cfg=patching_cfg, entropy_cfg=entropy_cfg,
                entropy_params=entropy_params, max_context=int(config["data"]["seq_len"]))
 
@@ -169,14 +172,14 @@ class BLT:
     meta = {"patching_threshold": self.patching_config.threshold}
     if self.entropy_params is not None:
       ent_dir = storage.join(directory, "entropy_model")
-      checkpoint.save_params(ent_dir, cast(self.entropy_params), dict(
+      checkpointer.save_params(ent_dir, cast(self.entropy_params), dict(
           model_type="entropy_model", model=to_dict(self.entropy_config),
           data=dict(seq_len=self.max_context)), {})
       meta["entropy_model"] = dict(path="entropy_model",
-                                   sha256=checkpoint.params_hash(self.entropy_params))
+                                   sha256=checkpointer.params_hash(self.entropy_params))
     config = dict(model_type="blt", model=to_dict(self.config),
                   patching=to_dict(self.patching_config), data=dict(seq_len=self.max_context))
-    checkpoint.save_params(directory, cast(self.params), config, meta)
+    checkpointer.save_params(directory, cast(self.params), config, meta)
 
   # -- entropy model and patching ------------------------------------------------------------------
 
@@ -264,7 +267,7 @@ class BLT:
     prefix for every byte (the reference's way, for comparison). An empty prompt generates from
     BOS; a prompt too long for the context keeps its last bytes.
     """
-    from bltjax import sampling as sampling_lib
+    from bltjax.inference import sampling as sampling_lib
     sampling = sampling_lib.make_sampling(temperature, top_p, stop_at_eos, top_k,
                                           repetition_penalty)
     stops = sampling_lib.encode_stops(stop, self.max_context)
@@ -307,3 +310,33 @@ class BLT:
             for b in self.generate_bytes(prompts, max_new_bytes, temperature, top_p, seed,
                                          stop_at_eos, top_k=top_k, stop=stop,
                                          repetition_penalty=repetition_penalty)]
+
+
+def stream_generation(blt: BLT, prompt: str, *, file=None, **options) -> bytes:
+  """Writes `prompt`, then its continuation as `blt.generate_bytes` produces it, to `file`
+  (default stdout), one complete UTF-8 character at a time (what `python -m bltjax.generate`
+  prints). `options` are generate_bytes'. Returns the generated bytes."""
+  file = sys.stdout if file is None else file
+  file.write(prompt)
+  file.flush()
+  pending = b""
+
+  def on_bytes(chunk):  # a character split across chunks waits for its last byte
+    nonlocal pending
+    pending += chunk
+    text = pending.decode("utf-8", errors="ignore")
+    keep = len(pending) - len(text.encode("utf-8"))
+    if 0 < keep < 4 and pending[-keep:].decode("utf-8", errors="replace") == "\ufffd":
+      pending = pending[-keep:]
+    else:
+      text, pending = pending.decode("utf-8", errors="replace"), b""
+    file.write(text)
+    file.flush()
+
+  out = blt.generate_bytes([prompt.encode("utf-8", "surrogateescape")], on_bytes=on_bytes,
+                           **options)[0]
+  if pending:
+    file.write(pending.decode("utf-8", errors="replace"))
+  file.write("\n")
+  file.flush()
+  return out

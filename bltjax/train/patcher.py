@@ -1,5 +1,5 @@
 """Who cuts a run's patches, and where: the frozen entropy model (or stored entropies) on the host
-or on the accelerators. The rule itself lives in `bltjax.patching` (`cut_rows`).
+or on the accelerators. The rule itself lives in `bltjax.model.patching` (`cut_rows`).
 
 `setup(config, ...)` resolves everything once per run: the entropy model and its identity
 (recorded in checkpoints), the calibrated threshold, the placement. Then either
@@ -23,11 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bltjax import batch as batch_lib
-from bltjax import configs, patching, sharding, storage
-from bltjax.model import hashing
-from bltjax.model.config import EntropyModelConfig, PatchingConfig
-from bltjax.model.entropy_model import EntropyModel, entropies_from_logits
+from bltjax.data import pipeline, preprocessed
+from bltjax.model import hashing, patching
+from bltjax.model.config import LMConfig, PatchingConfig
+from bltjax.model.lm import TransformerLM, entropies_from_logits
+from bltjax.runtime import sharding, storage
+from bltjax.train import batch as batch_lib, experiment
 
 # Where a training workdir keeps its stage-1 entropy model (WORKDIR/entropy_model).
 ENTROPY_STAGE_DIR = "entropy_model"
@@ -43,12 +44,12 @@ class EntropySpec:
 
 def load_entropy_model(spec: EntropySpec):
   """(EntropyModel, params as host numpy arrays) of the checkpoint `spec` names."""
-  from bltjax import checkpoint  # Orbax import only where a model is loaded.
-  params, _, _, _ = checkpoint.load_params(spec.checkpoint)
-  return EntropyModel(EntropyModelConfig.from_dict(spec.model)), params
+  from bltjax.checkpoint import checkpointer  # Orbax import only where a model is loaded.
+  params, _, _, _ = checkpointer.load_params(spec.checkpoint)
+  return TransformerLM(LMConfig.from_dict(spec.model)), params
 
 
-def entropies_fn(model: EntropyModel):
+def entropies_fn(model: TransformerLM):
   """(params, tokens int32 [B, N]) -> next-byte entropies in nats, f32 [B, N] (jittable)."""
   def fn(params, tokens_BxN):
     return entropies_from_logits(model.apply({"params": params}, tokens_BxN))
@@ -56,7 +57,7 @@ def entropies_fn(model: EntropyModel):
 
 
 @dataclasses.dataclass(frozen=True)
-class Patching:
+class Patcher:
   """How one run cuts its patches (picklable: travels to grain workers)."""
   config: PatchingConfig        # threshold resolved (calibrated if it was None)
   max_patches: int
@@ -75,7 +76,7 @@ class Patching:
 
 
 def setup(config, entropy_checkpoint: str | None, resumed_meta: dict | None,
-          stored: dict | None = None) -> Patching | None:
+          stored: dict | None = None) -> Patcher | None:
   """Resolves the run's patching (None for the entropy model stage).
 
   `stored`: the manifest of preprocessed entropies the rows come with (`data/preprocessed.py`);
@@ -83,17 +84,21 @@ def setup(config, entropy_checkpoint: str | None, resumed_meta: dict | None,
   """
   if config.model_type != "blt":
     return None
-  from bltjax import checkpoint
+  from bltjax.checkpoint import checkpointer
   p = config.patching
   threshold, meta, entropy = p.threshold, {}, None
   if p.mode == "entropy":
     if stored is not None:
       meta["entropy_model"] = stored["entropy_model"]
+      if p.entropy_model_checkpoint:  # the rows must come from the model this run names
+        params, _, _, ent_step = checkpointer.load_params(str(p.entropy_model_checkpoint))
+        preprocessed.check_entropy_model(stored, str(p.entropy_model_checkpoint),
+                                         checkpointer.params_hash(params), ent_step)
     else:
-      params, ent_config, _, ent_step = checkpoint.load_params(entropy_checkpoint)
+      params, ent_config, _, ent_step = checkpointer.load_params(entropy_checkpoint)
       entropy = EntropySpec(storage.abspath(entropy_checkpoint), ent_config["model"])
       meta["entropy_model"] = dict(path=entropy.checkpoint, step=ent_step,
-                                   sha256=checkpoint.params_hash(params))
+                                   sha256=checkpointer.params_hash(params))
     if resumed_meta and resumed_meta.get("entropy_model") != meta["entropy_model"]:
       raise ValueError(f"the checkpoint's patches were cut by entropy model "
                        f"{resumed_meta.get('entropy_model')}, but this run would use "
@@ -102,7 +107,6 @@ def setup(config, entropy_checkpoint: str | None, resumed_meta: dict | None,
       threshold = (resumed_meta or {}).get("patching_threshold")
     if threshold is None:
       if stored is not None:
-        from bltjax.data import preprocessed
         ent = preprocessed.sample_entropies(config, CALIBRATION_ROWS)
       else:
         ent = _held_out_entropies(config, entropy, params)
@@ -112,21 +116,20 @@ def setup(config, entropy_checkpoint: str | None, resumed_meta: dict | None,
     meta["patching_threshold"] = threshold
   hash_cfg = None
   if config.data.host_hash_ids:
-    m = configs.model_config(config)
+    m = experiment.model_config(config)
     hash_cfg = dict(group_sizes=m.hash_group_sizes, num_functions=m.hash_functions,
                     vocab=m.hash_vocab)
-  return Patching(configs.patching_config(config, threshold), p.max_patches, p.device, entropy,
+  return Patcher(experiment.patching_config(config, threshold), p.max_patches, p.device, entropy,
                   hash_cfg, meta)
 
 
 def _held_out_entropies(config, spec: EntropySpec, params) -> np.ndarray:
   """Entropies of the first held-out rows (train rows without held-out data)."""
-  from bltjax.data import pipeline
   split = "eval" if config.data.eval_fraction > 0 else "train"
   it = iter(pipeline.packed_rows(config.data, split, seed=config.seed, process_index=0,
                                     process_count=1, shuffle=False))
   tokens = np.stack([next(it)["tokens"] for _ in range(CALIBRATION_ROWS)])
-  model = EntropyModel(EntropyModelConfig.from_dict(spec.model))
+  model = TransformerLM(LMConfig.from_dict(spec.model))
   return np.asarray(jax.jit(entropies_fn(model))(params, tokens))
 
 
@@ -138,7 +141,7 @@ class PatchBatch(grain.transforms.Map):
   """grain transform on local batches: adds `patch_lengths` [B, P] and `patch_overflow` [B]
   (`cut`), cut from the entropy model or the batch's stored `entropies`; and `hash_ids`."""
 
-  def __init__(self, patching_: Patching, cut: bool = True):
+  def __init__(self, patching_: Patcher, cut: bool = True):
     self.patching, self.cut = patching_, cut
     self._fn = None
 
@@ -184,7 +187,7 @@ class DevicePatcher:
   loop fetches with the step's metrics, one step late.
   """
 
-  def __init__(self, patching_: Patching, mesh, input_specs: dict):
+  def __init__(self, patching_: Patcher, mesh, input_specs: dict):
     p = patching_
     model, host_params = None, None
     if p.config.mode == "entropy" and p.entropy is not None:
@@ -204,7 +207,7 @@ class DevicePatcher:
     return out, stats
 
 
-def lower(model: EntropyModel | None, pc: PatchingConfig, max_patches: int, mesh,
+def lower(model: TransformerLM | None, pc: PatchingConfig, max_patches: int, mesh,
           input_specs: dict):
   """The patching function lowered on abstract inputs (also what `bltjax.aot` compiles).
 

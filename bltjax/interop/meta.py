@@ -9,7 +9,7 @@
   (full TrainArgs: BLT args under "model", entropy args under "entropy_model") + `consolidated.pth`
   (a torch pickle {"model": state_dict}; torch is needed only here: pip install "bltjax[pth]").
 
-Configs are translated by `bltjax.meta_config`; tensors go through the `bltjax.hf` key maps with
+Configs are translated by `bltjax.interop.meta_config`; tensors go through the `bltjax.interop.hf` key maps with
 the HF names renamed to Meta's. Paths may be local or gs://.
 """
 
@@ -20,8 +20,9 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from bltjax import errors, hf, meta_config, storage
+from bltjax.interop import hf, meta_config
 from bltjax.model.config import RuntimeConfig
+from bltjax.runtime import errors, storage
 
 _HUB, _CONSOLIDATED = "hub", "consolidated"
 PTH = "consolidated.pth"

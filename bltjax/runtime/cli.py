@@ -1,6 +1,12 @@
 """How every bltjax program runs: `cli.run(main)` in place of `absl.app.run(main)`.
 
-A mistake the user can fix (a bad flag or config, a missing path, a `bltjax.errors.Error`) is
+Every command (`bltjax/<command>.py`) has the same shape: absl flags defined at module level,
+`main(argv)` that makes one library call, and `cli.run(main)` under `__main__`. `run` does the
+process set-up first (`process_setup`: XLA flag defaults before JAX starts a backend; for
+long-running programs, `malloc_tuning=True`, the one restart with glibc malloc settings), then
+parses the flags and quiets chatty libraries' logging.
+
+A mistake the user can fix (a bad flag or config, a missing path, a `bltjax.runtime.errors.Error`) is
 one line, `error: <message>` on stderr, and exit status 1: a traceback would bury it. Anything
 else is a bug and prints its traceback (exit 1). `--verbose` prints every traceback. Ctrl-C
 exits 130. However the program ends, it does not abort on the way out (see `_leave`). A run that
@@ -20,7 +26,7 @@ import traceback
 
 from absl import app, flags
 
-from bltjax import errors
+from bltjax.runtime import errors, logs, process_setup
 
 # The errors that main() may end with and that are the user's to fix.
 EXPECTED = (errors.Error, ValueError, OSError, flags.Error, app.UsageError)
@@ -32,14 +38,24 @@ GRACE_S = 1.0  # how long threads still running at an error exit get to end
 CHILD_EXIT_S = 5.0  # how long worker processes get to end after SIGTERM before SIGKILL
 
 
-def run(main, *, flags_parser=None):
-  """absl's `app.run(main)` with the error handling above. `flags_parser(argv)` as for app.run
-  (default: absl's flags; bench_data passes an argparse_flags parser)."""
+def run(main, *, malloc_tuning: bool = False):
+  """absl's `app.run(main)` with the process set-up and the error handling above.
+
+  `malloc_tuning`: restart this process once with glibc malloc settings that keep XLA:CPU's
+  per-step temporaries mapped (training, preprocessing, benchmarks; see process_setup)."""
+  if malloc_tuning:
+    process_setup.reexec_with_malloc_tuning()
+  process_setup.set_defaults()
   if "verbose" not in flags.FLAGS:
     flags.DEFINE_bool("verbose", False, "Print the traceback of every error, not only its "
                       "one-line message.")
-  parse = flags_parser or flags.FLAGS
-  app.run(functools.partial(_main, main), flags_parser=functools.partial(_parse, parse))
+  app.run(functools.partial(_main, main), flags_parser=functools.partial(_parse, flags.FLAGS))
+
+
+def no_arguments(argv):
+  """For a command's main(argv): anything but flags on the command line is a usage error."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
 
 
 def message(e: BaseException) -> str:
@@ -76,6 +92,7 @@ def _parse(parse, argv):
 
 def _main(main, argv):
   try:
+    logs.quiet_libraries()
     return main(argv)
   except SystemExit as e:
     if not e.code:

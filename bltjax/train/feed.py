@@ -1,14 +1,13 @@
-"""What a training stage feeds its steps (bltjax.train): the stage's patching (bltjax.patcher),
-the batch layouts (bltjax.batch) and `Feed`, which turns a local host batch into the global batch
+"""What a training stage feeds its steps (bltjax.train.trainer): the stage's patching (bltjax.train.patcher),
+the batch layouts (bltjax.train.batch) and `Feed`, which turns a local host batch into the global batch
 the steps read, cutting patch_lengths on the devices under accelerator patching.
 """
 
 from typing import Any, NamedTuple
 
-from bltjax import batch as batch_lib
-from bltjax import patcher
 from bltjax.data import preprocessed
-from bltjax.model.config import EntropyModelConfig
+from bltjax.model.config import LMConfig
+from bltjax.train import batch as batch_lib, patcher
 
 
 class Feed:
@@ -34,7 +33,7 @@ class StageInputs(NamedTuple):
   step_spec: dict  # the global batch the steps read (batch.spec) ...
   batch_shardings: dict  # ... and its shardings
   feed: Feed
-  entropy_cfg: EntropyModelConfig | None  # the entropy model when it runs on the accelerators
+  entropy_cfg: LMConfig | None  # the entropy model when it runs on the accelerators
 
 
 def setup(config, mesh, entropy_checkpoint: str | None, resumed_meta: dict | None) -> StageInputs:
@@ -52,8 +51,8 @@ def setup(config, mesh, entropy_checkpoint: str | None, resumed_meta: dict | Non
   if batch_lib.device_patching(config):
     device_patcher = patcher.DevicePatcher(patching, mesh, input_spec)
     if patching.entropy is not None:
-      # The entropy model's forward pass runs on the same chips: MFU counts it (bltjax.flops).
-      entropy_cfg = EntropyModelConfig.from_dict(patching.entropy.model)
+      # The entropy model's forward pass runs on the same chips: MFU counts it (bltjax.train.flops).
+      entropy_cfg = LMConfig.from_dict(patching.entropy.model)
   return StageInputs(patching, patching.meta if patching else {},
                      patching.host_transform() if patching else None, step_spec,
                      batch_lib.shardings(mesh, step_spec),

@@ -1,4 +1,5 @@
-"""The pure train and eval steps.
+"""The pure train and eval steps, and the one place that jits them (`lower_steps`: for training,
+the compile-only check `bltjax.aot` and the benchmarks).
 
 train_step(state, batch) -> (state, metrics): gradient accumulation is a `lax.scan` over
 microbatches inside the step; the loss is normalised by the number of target bytes of the whole
@@ -9,17 +10,29 @@ norm or new params are not finite (or, optionally, whose loss spikes above k tim
 mean) is not applied; params and optimizer state stay as they were, the step counter moves on
 (the batch is consumed) and `state.guard` counts it. The host reads the counters with the
 metrics, one step late, and stops or warns (`train.nonfinite`, `train.max_skipped_steps`).
+
+    with sharding.mesh_context(mesh):  # where the model's logical sharding constraints apply
+      train, evaluate = step.lower_steps(
+          abstract_state, batch_spec, loss_fn=step.make_loss_fn(config, model),
+          optimizer=optimizer, shardings=step.StepShardings(mesh, state_sh, batch_sh),
+          with_eval=True, **step.train_options(config))
+      train_fn, eval_fn = train.compile(), evaluate.compile()
+
+train_fn: (state, batch) -> (state, metrics), the state donated; eval_fn: (params, batch) ->
+dict(ce_sum, target_bytes).
 """
 
+import functools
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from bltjax import batch as batch_lib
-from bltjax import train_state as ts
 from bltjax.model.layers import constrain
+from bltjax.runtime import sharding
+from bltjax.train import batch as batch_lib, optim, train_state as ts
 
 LN2 = math.log(2.0)
 
@@ -28,7 +41,7 @@ def loss_sums(logits_BxNxV, targets_BxN, mask_BxN, target_bytes_BxN=None):
   """(sum of masked cross-entropy in nats, number of target bytes), both fp32 scalars.
 
   Byte models: a target is one byte. BPE (token_lm): `target_bytes_BxN` gives the text bytes of
-  each target token, so that ce_sum / count is nats per byte of text (bltjax.bpe)."""
+  each target token, so that ce_sum / count is nats per byte of text (bltjax.data.bpe)."""
   ce = optax.softmax_cross_entropy_with_integer_labels(logits_BxNxV.astype(jnp.float32),
                                                        targets_BxN)
   mask = mask_BxN.astype(jnp.float32)
@@ -117,3 +130,43 @@ def eval_step(params, batch, *, loss_fn):
   """Sums, so that evaluation over several batches is exact: (ce_sum, target_bytes)."""
   ce, count = loss_fn(params, batch)
   return dict(ce_sum=ce, target_bytes=count)
+
+
+# -- compilation -----------------------------------------------------------------------------------
+
+
+class StepShardings(NamedTuple):
+  """Where the steps' arrays live; the metrics come back replicated over `mesh`."""
+  mesh: jax.sharding.Mesh
+  state: Any  # a TrainState of NamedShardings (train_state.abstract_state)
+  batch: dict  # name -> NamedSharding (batch.shardings)
+
+
+def train_options(config) -> dict:
+  """The train step's settings from config.train and config.optim: keywords of lower_steps."""
+  t = config.train
+  return dict(lr_fn=optim.lr_schedule(config.optim, t.steps), microbatches=t.microbatches,
+              loss_spike_factor=t.loss_spike_factor, loss_spike_horizon=t.loss_spike_horizon)
+
+
+def lower_steps(state, batch, *, loss_fn, optimizer, shardings: StepShardings | None = None,
+                with_eval: bool = False, **options) -> tuple[Any, Any]:
+  """(train step, eval step or None), lowered for the shapes of `state` (a TrainState) and
+  `batch` (arrays or ShapeDtypeStructs); `.compile()` gives the programs.
+
+  `options` are step.train_step's (lr_fn, microbatches, loss_spike_*). With `shardings` the
+  programs take and return arrays on those shardings; without, jit places them as their
+  arguments are placed.
+  """
+  train = functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer, **options)
+  evaluate = functools.partial(eval_step, loss_fn=loss_fn)
+  if shardings is None:
+    train_jit, eval_jit = jax.jit(train, donate_argnums=0), jax.jit(evaluate)
+  else:
+    metrics = sharding.replicated(shardings.mesh)
+    train_jit = jax.jit(train, in_shardings=(shardings.state, shardings.batch),
+                        out_shardings=(shardings.state, metrics), donate_argnums=0)
+    eval_jit = jax.jit(evaluate, in_shardings=(shardings.state.params, shardings.batch),
+                       out_shardings=metrics)
+  return (train_jit.lower(state, batch),
+          eval_jit.lower(state.params, batch) if with_eval else None)

@@ -24,7 +24,7 @@ import tqdm
 from etils import epath
 from tensorboardX import SummaryWriter
 
-from bltjax import storage
+from bltjax.runtime import storage
 
 
 class MetricWriter:

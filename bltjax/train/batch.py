@@ -9,7 +9,7 @@ N = data.seq_len bytes, P = patching.max_patches, T = hash tables):
   mask           f32   [B, N]    1 for real targets, 0 for padding at the end of a finite stream
   target_bytes   f32   [B, N]    token_lm only (N = data.seq_len BPE tokens): the text bytes each
                                  target token covers (EOS counts 1; 0 where mask is 0): the loss
-                                 is nats per byte (bltjax.bpe)
+                                 is nats per byte (bltjax.data.bpe)
   patch_lengths  int32 [B, P]    BLT only; rows sum to N + 1. Cut on the host (host patching) or
                                  on the devices from tokens/entropies (accelerator patching)
   hash_ids       int32 [B, N, T] BLT with data.host_hash_ids only
@@ -17,7 +17,7 @@ N = data.seq_len bytes, P = patching.max_patches, T = hash tables):
                                  instead of running the entropy model (not a step input)
 
 Host-only statistics (never sent to the devices): doc_flag_counts int32 [B, len(FLAG_NAMES)]
-(documents flagged per row, column i named `FLAG_NAMES[i]`: the table in `bltjax.data.flags`)
+(documents flagged per row, column i named `FLAG_NAMES[i]`: the table in `bltjax.data.flag_table`)
 and patch_overflow int32 [B] (host patching).
 """
 
@@ -25,10 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bltjax import configs, sharding
-from bltjax.data import flags
+from bltjax.data import flag_table
+from bltjax.runtime import sharding
+from bltjax.train import experiment
 
-FLAG_NAMES = flags.NAMES  # metric names of the doc_flag_counts columns
+FLAG_NAMES = flag_table.NAMES  # metric names of the doc_flag_counts columns
 
 
 def device_patching(config) -> bool:
@@ -48,7 +49,7 @@ def spec(config, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     out["patch_lengths"] = jax.ShapeDtypeStruct((batch_size, config.patching.max_patches),
                                                 jnp.int32)
     if config.data.host_hash_ids:
-      cfg = configs.model_config(config)
+      cfg = experiment.model_config(config)
       out["hash_ids"] = jax.ShapeDtypeStruct((batch_size, n, cfg.num_hash_tables), jnp.int32)
   return out
 

@@ -15,14 +15,13 @@ from etils import epath
 import jax
 import numpy as np
 
-from bltjax import batch as batch_lib
-from bltjax import bpe, checkpoint, compile_steps, configs, errors, flops, heldout, metrics, optim
-from bltjax import feed as feed_lib
-from bltjax import patcher, preemption, sharding, storage, workdir_lock
-from bltjax import step as step_lib
-from bltjax import train_state as ts
-from bltjax.data import pipeline
+from bltjax.checkpoint import checkpointer, workdir_lock
+from bltjax.data import bpe, pipeline
+from bltjax.data import shards as shards_lib
 from bltjax.data.prefetch import ThreadPrefetcher
+from bltjax.runtime import errors, sharding, storage
+from bltjax.train import (batch as batch_lib, experiment, feed as feed_lib, flops, heldout, metrics,
+                          optim, patcher, preemption, step as step_lib, train_state as ts)
 
 ENTROPY_STAGE_DIR = patcher.ENTROPY_STAGE_DIR
 
@@ -38,8 +37,8 @@ def run(config, workdir: str, *, stop_at_step: int | None = None, force_unlock: 
   e.g. the learning-rate schedule: re-running continues as if never interrupted.
   `force_unlock` takes over the workdir lock even when its holder looks alive.
   """
-  model_cfg, _ = configs.validate(config, jax.device_count())  # the stage-1 config's too
-  pipeline.data_shards(config.data, jax.process_index(), jax.process_count())  # fails early
+  model_cfg, _ = experiment.validate(config, jax.device_count())  # the stage-1 config's too
+  shards_lib.data_shards(config.data, jax.process_index(), jax.process_count())  # fails early
   check_paths(config, workdir)
   heldout.check_eval_sets(config)  # a missing eval set file fails now, naming the set
   # One run per workdir (process 0 holds WORKDIR/.lock; a dead holder's lock is taken over).
@@ -49,22 +48,22 @@ def run(config, workdir: str, *, stop_at_step: int | None = None, force_unlock: 
 
 def _run(config, model_cfg, workdir, stop_at_step):
   entropy_ckpt = None
-  if config.model_type == "token_lm":  # the BPE baseline: its tokenizer first (bltjax.bpe)
+  if config.model_type == "token_lm":  # the BPE baseline: its tokenizer first (bltjax.data.bpe)
     config = copy.deepcopy(config)
     config.tokenizer.path = bpe.ensure_tokenizer(config, workdir)  # recorded in config.json
   if config.model_type == "blt" and config.patching.mode == "entropy" and \
       not config.data.preprocessed_dir:  # stored entropies need no entropy model
     entropy_ckpt = config.patching.entropy_model_checkpoint
     if not entropy_ckpt and config.init_from:
-      entropy_ckpt = checkpoint.recorded_entropy_model(config.init_from)
+      entropy_ckpt = checkpointer.recorded_entropy_model(config.init_from)
       if entropy_ckpt:
         logging.info("patching with the entropy model recorded in init_from: %s", entropy_ckpt)
     if not entropy_ckpt:
       entropy_ckpt = storage.join(workdir, ENTROPY_STAGE_DIR)
-      stage = configs.entropy_stage_config(config)
+      stage = experiment.entropy_stage_config(config)
       logging.info("patching.mode='entropy' and no patching.entropy_model_checkpoint: training "
                    "the entropy model first (stage 1) in %s", entropy_ckpt)
-      train_stage(stage, configs.model_config(stage), entropy_ckpt)
+      train_stage(stage, experiment.model_config(stage), entropy_ckpt)
       logging.info("Stage 1 done: entropy model saved under %s", entropy_ckpt)
   return train_stage(config, model_cfg, workdir, entropy_checkpoint=entropy_ckpt,
                      stop_at_step=stop_at_step)
@@ -102,9 +101,9 @@ def train_stage(config, model_cfg, workdir: str, *, entropy_checkpoint: str | No
   abstract, state_sh = ts.abstract_state(config, model, optimizer, mesh)
   with contextlib.ExitStack() as stack:  # closes the checkpointer and the input pipeline
     ckpt = stack.enter_context(contextlib.closing(
-        checkpoint.Checkpointer(workdir, max_to_keep=t.keep_checkpoints)))
+        checkpointer.Checkpointer(workdir, max_to_keep=t.keep_checkpoints)))
     # The newest checkpoint whose metadata reads (unreadable ones are moved aside, see
-    # bltjax/checkpoint.py); its arrays are read below, once the input pipeline exists.
+    # bltjax/checkpoint/checkpointer.py); its arrays are read below, once the input pipeline exists.
     found = ckpt.latest_metadata()
     start, resumed_meta = (found[0], found[2]) if found else (None, None)
     if start is not None and start >= t.steps:
@@ -146,11 +145,11 @@ def train_stage(config, model_cfg, workdir: str, *, entropy_checkpoint: str | No
     # in the input pipeline stays on this process's own devices.
     with sharding.mesh_context(mesh):
       t0 = time.perf_counter()
-      train_lowered, eval_lowered = compile_steps.lower_steps(
+      train_lowered, eval_lowered = step_lib.lower_steps(
           abstract, inputs.step_spec, loss_fn=step_lib.make_loss_fn(config, model),
           optimizer=optimizer,
-          shardings=compile_steps.StepShardings(mesh, state_sh, inputs.batch_shardings),
-          with_eval=bool(t.eval_batches), **compile_steps.train_options(config))
+          shardings=step_lib.StepShardings(mesh, state_sh, inputs.batch_shardings),
+          with_eval=bool(t.eval_batches), **step_lib.train_options(config))
       train_fn = train_lowered.compile()
       eval_fn = None if eval_lowered is None else eval_lowered.compile()
       logging.info("Compiled the %s in %.1fs", "train and eval steps" if eval_fn is not None else
@@ -315,7 +314,7 @@ class _Loop:
     return device, stats | device_stats
 
   def _throughput(self, values) -> dict:
-    """FLOPs per byte (bltjax.flops, with this logging interval's mean patch size, or its bytes
+    """FLOPs per byte (bltjax.train.flops, with this logging interval's mean patch size, or its bytes
     per token for token_lm), per-device FLOP/s and bytes/s, and MFU against the device's peak."""
     n = self.config.data.seq_len
     extra = {}

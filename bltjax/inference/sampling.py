@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bltjax import tokenizer
+from bltjax.model import tokenizer
 
 _NEVER = np.iinfo(np.int32).max  # length of a padding row of the stop array: never matches
 

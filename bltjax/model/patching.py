@@ -1,6 +1,6 @@
 """Patching: turn bytes (or their entropies) into patch lengths. The one home of the rule:
 training (host or accelerator), preprocessing and generation all cut patches with
-`row_start_mask` / `cut_rows` below; `bltjax.patcher` only decides who runs them, and where.
+`row_start_mask` / `cut_rows` below; `bltjax.train.patcher` only decides who runs them, and where.
 
 Follows Meta's reference (`bytelatent/data/patcher.py`; its rules and quirks:
 docs/reference-notes.md §1). Every mode first builds a boolean start mask over positions
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bltjax.tokenizer import BOS_ID, EOS_ID, OFFSET
+from bltjax.model.tokenizer import BOS_ID, EOS_ID, OFFSET
 
 PATCHING_MODES = ("entropy", "space", "static", "byte")
 

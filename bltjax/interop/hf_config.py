@@ -1,7 +1,7 @@
 """`transformers` BLT `config.json` <-> bltjax's model, entropy model and patching configs.
 
 Reading follows the port exactly: a key the file leaves out takes `BltConfig`'s default, and what
-the port cannot express is refused when writing. The tensors are in `bltjax.hf`.
+the port cannot express is refused when writing. The tensors are in `bltjax.interop.hf`.
 """
 
 import json
@@ -10,7 +10,7 @@ from typing import Any
 
 from etils import epath
 
-from bltjax.model.config import (BLTConfig, EntropyModelConfig, PatchingConfig, RuntimeConfig,
+from bltjax.model.config import (BLTConfig, LMConfig, PatchingConfig, RuntimeConfig,
                                  TransformerConfig)
 
 # transformers' defaults (BltConfig and its sub-configs, transformers 5.x) for every key that a
@@ -123,7 +123,7 @@ def configs_from_hf(hf: dict[str, Any], runtime: RuntimeConfig):
   entropy = None
   if _top(hf, "patch_in_forward"):  # the port builds its patcher (default-sized if not given)
     pat = _sub(hf, "patcher_config")
-    entropy = EntropyModelConfig.from_dict(dict(
+    entropy = LMConfig.from_dict(dict(
         transformer=_transformer(pat, pat["sliding_window"], "patcher_config"),
         runtime=runtime, vocab_size=int(pat["vocab_size"])))
   # The port patches by entropy only with patching_mode 'entropy', a patcher and a patch_size; in
@@ -167,7 +167,7 @@ def _hf_transformer(t: TransformerConfig, **extra) -> dict:
               rope_parameters=dict(rope_theta=t.rope_theta, rope_type="default"), **extra)
 
 
-def config_to_hf(model: BLTConfig, entropy: EntropyModelConfig | None,
+def config_to_hf(model: BLTConfig, entropy: LMConfig | None,
                  patching: PatchingConfig) -> dict:
   """The `config.json` a `transformers` BltConfig reads for this model (inverse of
   `configs_from_hf`). Raises for what the port cannot express."""

@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bltjax import batch as batch_lib
-from bltjax import configs, sharding
 from bltjax.model.blt import ByteLatentTransformer
-from bltjax.model.entropy_model import EntropyModel
+from bltjax.model.lm import TransformerLM
+from bltjax.runtime import sharding
+from bltjax.train import batch as batch_lib, experiment
 
 
 @flax.struct.dataclass
@@ -24,7 +24,7 @@ class TrainState:
   step: jax.Array  # number of train steps taken so far (skipped updates included)
   params: Any
   opt_state: Any
-  guard: Any  # counters of the update guard (new_guard; bltjax.step)
+  guard: Any  # counters of the update guard (new_guard; bltjax.train.step)
 
 
 def new_guard() -> dict:
@@ -40,8 +40,8 @@ def new_guard() -> dict:
 
 def build_model(config, model_cfg=None) -> nn.Module:
   """The module of `config`; `model_cfg` is its configs.model_config where already built."""
-  cfg = configs.model_config(config) if model_cfg is None else model_cfg
-  return ByteLatentTransformer(cfg) if config.model_type == "blt" else EntropyModel(cfg)
+  cfg = experiment.model_config(config) if model_cfg is None else model_cfg
+  return ByteLatentTransformer(cfg) if config.model_type == "blt" else TransformerLM(cfg)
 
 
 def make_init_fn(config, model, optimizer: optax.GradientTransformation):
@@ -80,8 +80,8 @@ def param_count(params) -> int:
 def init_state_from(config, optimizer, mesh, abstract, shardings, path: str):
   """A fresh train state (step 0, new optimizer state) whose params come from `path` (an
   exported/converted model or another workdir), restored directly onto their shards."""
-  from bltjax import checkpoint  # Orbax import kept out of model-only uses of this module
-  params = checkpoint.restore_params(path, abstract.params)
+  from bltjax.checkpoint import checkpointer  # Orbax import kept out of model-only uses of this module
+  params = checkpointer.restore_params(path, abstract.params)
   with sharding.mesh_context(mesh):
     return jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
                                         opt_state=optimizer.init(p), guard=new_guard()),

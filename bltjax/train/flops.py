@@ -22,7 +22,7 @@ size; the latent also runs on padding patches up to `max_patches`, which MFU doe
 
 import time
 
-from bltjax.model.config import BLTConfig, EntropyModelConfig, TransformerConfig
+from bltjax.model.config import BLTConfig, LMConfig, TransformerConfig
 
 # Dense bf16 peak FLOP/s per device (chip for TPUs, GPU for GPUs), from vendor specs.
 PEAK_FLOPS = {
@@ -57,7 +57,7 @@ def layer_flops(t: TransformerConfig, keys: float) -> float:
 
 
 def blt_flops_per_byte(cfg: BLTConfig, seq_len: int, bytes_per_patch: float, *,
-                       entropy: EntropyModelConfig | None = None,
+                       entropy: LMConfig | None = None,
                        training: bool = True) -> dict[str, float]:
   """FLOPs per byte by component (and 'total'); training (3x forward) unless training=False."""
   enc, lat, dec, k = cfg.encoder, cfg.latent, cfg.decoder, cfg.cross_attn_k
@@ -94,14 +94,14 @@ def blt_flops_per_byte(cfg: BLTConfig, seq_len: int, bytes_per_patch: float, *,
   return parts
 
 
-def lm_flops_per_byte(cfg: EntropyModelConfig, seq_len: int, training: bool = True) -> float:
+def lm_flops_per_byte(cfg: LMConfig, seq_len: int, training: bool = True) -> float:
   """The entropy model trained on its own (stage 1): a byte-level LM."""
   t = cfg.transformer
   fwd = t.n_layers * layer_flops(t, mean_keys(seq_len, t.attn_window)) + 2 * t.dim * cfg.vocab_size
   return fwd * (3.0 if training else 1.0)
 
 
-def token_lm_flops_per_byte(cfg: EntropyModelConfig, seq_len_tokens: int, bytes_per_token: float,
+def token_lm_flops_per_byte(cfg: LMConfig, seq_len_tokens: int, bytes_per_token: float,
                             training: bool = True) -> float:
   """The BPE baseline (token_lm): the same LM over tokens (attention over `seq_len_tokens`,
   output over the BPE vocabulary), per token, over the measured bytes per token."""
@@ -117,7 +117,7 @@ def device_peak_flops(device, dtype: str = "bfloat16") -> float:
   if device.platform == "cpu":
     return measured_cpu_peak(dtype)
   raise ValueError(f"no peak FLOP/s known for device kind {device.device_kind!r}; add it to "
-                   "bltjax.flops.PEAK_FLOPS")
+                   "bltjax.train.flops.PEAK_FLOPS")
 
 
 _CPU_PEAK: dict[str, float] = {}

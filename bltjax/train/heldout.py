@@ -20,16 +20,18 @@ import math
 import jax
 import numpy as np
 
-from bltjax import configs, storage
 from bltjax.data import paths as paths_lib, pipeline
+from bltjax.data import shards as shards_lib
+from bltjax.runtime import storage
+from bltjax.train import experiment
 
 
 def check_eval_sets(config, where: str = "train.eval_sets"):
   """Fails at start, with one line naming the set and the path, where an eval set's files are
   missing or too few for this process's data shards (and likewise for the stage-1 config)."""
-  shards = pipeline.data_shards(config.data, jax.process_index(), jax.process_count())
+  shards = shards_lib.data_shards(config.data, jax.process_index(), jax.process_count())
   total = config.data.shards or jax.process_count()
-  for es in configs.eval_sets(config):
+  for es in experiment.eval_sets(config):
     if es.source == "stdlib":
       continue
     field = f"{where}.{es.name}.paths"
@@ -46,11 +48,11 @@ def check_eval_sets(config, where: str = "train.eval_sets"):
     if es.source != "text" and any(not files[s::total] for s in shards):
       raise ValueError(f"{field}: {len(files)} file(s), fewer than the {total} data shards "
                        f"(data.shards={config.data.shards}; 0 = one per process)")
-  if config.model_type == "blt" and configs.needs_entropy_stage(config):
-    check_eval_sets(configs.entropy_stage_config(config), "entropy_model.train.eval_sets")
+  if config.model_type == "blt" and experiment.needs_entropy_stage(config):
+    check_eval_sets(experiment.entropy_stage_config(config), "entropy_model.train.eval_sets")
 
 
-def eval_set_config(config, es: configs.EvalSet):
+def eval_set_config(config, es: experiment.EvalSet):
   """`config` reading eval set `es` as its (only) data source; `pipeline.make_dataset(...,
   'all', ...)` then reads it whole."""
   c = copy.deepcopy(config)
@@ -66,8 +68,8 @@ def _first(ds, n: int) -> list:
 
 
 def stage_evaluator(config, eval_fn, patching, patch, local_batch: int, feed) -> "Evaluator":
-  """The Evaluator of a training stage (bltjax.train): `eval_fn` is the compiled eval step
-  (bltjax.compile_steps; None without train.eval_batches), `patching` the stage's
+  """The Evaluator of a training stage (bltjax.train.trainer): `eval_fn` is the compiled eval step
+  (bltjax.train.step; None without train.eval_batches), `patching` the stage's
   patcher.Patching or None, `patch` its host transform. With an entropy model and
   train.entropy_figure, its reports also draw the entropy figure."""
   figure = None
@@ -100,7 +102,7 @@ class Evaluator:
       for name in names:
         self._split[name] = _first(
             self._dataset(self.config, "eval", name if len(names) > 1 else None), n)
-    for es in configs.eval_sets(self.config):
+    for es in experiment.eval_sets(self.config):
       try:
         self._sets[es.name] = _first(self._dataset(eval_set_config(self.config, es), "all"), n)
       except (ValueError, OSError, StopIteration) as e:

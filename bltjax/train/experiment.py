@@ -5,7 +5,7 @@ commented in the experiment files, never defaulted here.
 
   seed, model_type ('blt' | 'entropy_model' | 'token_lm'), model, data, train, optim, mesh,
   patching and entropy_model (the stage-1 config) for BLT configs, tokenizer (path, train_bytes)
-  for token_lm configs (the BPE baseline: bltjax.bpe; its data.seq_len counts tokens).
+  for token_lm configs (the BPE baseline: bltjax.data.bpe; its data.seq_len counts tokens).
 """
 
 import copy
@@ -17,15 +17,14 @@ from collections.abc import Mapping
 
 import ml_collections
 
-from bltjax.data import mixture as mixture_lib
-from bltjax.data import sources
+from bltjax.data import mixture as mixture_lib, sources
 from bltjax.data.sources import SOURCES
-from bltjax.model.config import BLTConfig, EntropyModelConfig, PatchingConfig
+from bltjax.model.config import BLTConfig, LMConfig, PatchingConfig
 
 MODEL_TYPES = ("blt", "entropy_model", "token_lm")
 TOKENIZER_FIELDS = ("path", "train_bytes")  # the tokenizer section of a token_lm config
 # Where patches are cut: in the input pipeline on the host CPUs, or on the accelerators one batch
-# ahead of the step (bltjax/patcher.py).
+# ahead of the step (bltjax/train/patcher.py).
 PATCHING_PLACEMENTS = ("host", "accelerator")
 NONFINITE_POLICIES = ("stop", "skip")  # train.nonfinite: what a non-finite update does to the run
 # Fields of the stage-1 data section taken from the BLT's data section: both stages read the same
@@ -51,10 +50,10 @@ def load(spec: str) -> ml_collections.ConfigDict:
   return module.get_config(arg or None)
 
 
-def model_config(config) -> BLTConfig | EntropyModelConfig:
+def model_config(config) -> BLTConfig | LMConfig:
   """BLT: a BLTConfig; the entropy model and token_lm (the same LM over BPE tokens, with
   model.vocab_size = the BPE vocabulary): an EntropyModelConfig."""
-  cls = BLTConfig if config.model_type == "blt" else EntropyModelConfig
+  cls = BLTConfig if config.model_type == "blt" else LMConfig
   return cls.from_dict(config.model.to_dict())
 
 
@@ -226,7 +225,7 @@ def validate(config, num_devices: int | None):
 
 
 def _validate_tokenizer(config, model):
-  from bltjax import bpe  # noqa: PLC0415 (bpe imports the data modules)
+  from bltjax.data import bpe  # noqa: PLC0415 (bpe imports the data modules)
   tok = config.get("tokenizer")
   _require(isinstance(tok, _DICTS), "model_type='token_lm' needs a tokenizer section "
            f"with fields {TOKENIZER_FIELDS}")

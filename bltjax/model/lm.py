@@ -4,8 +4,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bltjax import tokenizer
-from bltjax.model.config import EntropyModelConfig
+from bltjax.model import tokenizer
+from bltjax.model.config import LMConfig
 from bltjax.model.layers import Dense, Embed, RMSNorm, row_positions
 from bltjax.model.transformer import Stack, dtypes, ring_slot
 
@@ -16,14 +16,14 @@ def document_ids(tokens_BxN):
   return jnp.cumsum(is_eos, axis=1) - is_eos
 
 
-class EntropyModel(nn.Module):
+class TransformerLM(nn.Module):
   """Embedding -> sliding-window causal stack (documents split at EOS) -> RMSNorm -> 260 logits.
 
   Unlike the reference, which flattens the batch into 8192-long chunks (rows leak into each other,
   facebookresearch/blt#123), every row is computed on its own, with the window as the only context
   limit.
   """
-  cfg: EntropyModelConfig
+  cfg: LMConfig
 
   def setup(self):
     c, t = self.cfg, self.cfg.transformer

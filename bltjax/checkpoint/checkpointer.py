@@ -4,7 +4,7 @@ Layout: `WORKDIR/checkpoints/<step>/{state, data, config, meta}`. Saves are asyn
 take an abstract target that carries the *current* mesh's shardings, so a run saved on 8 devices
 restores on 4 (or 1). Every path may be local or gs:// (Orbax writes through epath and tensorstore).
 
-Integrity (bltjax/checkpoint_repair.py): a resumed run reads the newest checkpoint that reads
+Integrity (bltjax/checkpoint/repair.py): a resumed run reads the newest checkpoint that reads
 back (`restore_latest`); newer ones that cannot be read (truncated or missing files) are moved
 aside to `<step>.corrupt`, never deleted, and Orbax's step listing ignores them. A checkpoint that
 reads but does not fit the model (the config changed) is an error, not a fallback. Read-only uses
@@ -24,8 +24,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from bltjax import checkpoint_repair as repair
-from bltjax import errors, storage
+from bltjax.checkpoint import repair
+from bltjax.runtime import errors, storage
 
 
 class Restored(NamedTuple):
