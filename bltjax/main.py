@@ -1,21 +1,21 @@
-"""Entry point: `python -m bltjax.main --config=experiments/debug.py [--workdir=DIR]`.
+"""Train: `python -m bltjax.main --config=experiments/debug.py [--workdir=DIR]`.
 
-Kept thin on purpose: flags, multi-host initialisation, then a library call (`bltjax.train.trainer.run`),
-which Colab notebooks and tests call directly.
+    python -m bltjax.main --config=experiments/debug.py [--workdir=DIR] [--config.a.b=value ...]
+        [--force_unlock] [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]
+
+Trains the entropy model if the config needs one, then the configured model, into --workdir
+(default: workdir/<config file name>); re-running the same command resumes. A finished run ends
+with a line saying where the model is and what to try next. Multi-host jobs start this command on
+every host (launch/*). The library call is `bltjax.train.trainer.train`; Colab notebooks and tests
+call `bltjax.train.trainer.run` directly.
 """
 
-import os
+from absl import flags
+from ml_collections import config_flags
 
-from bltjax.runtime import process_setup
-
-if __name__ == "__main__":
-  process_setup.reexec_with_malloc_tuning()  # glibc malloc settings; see bltjax/runtime/process_setup.py
-process_setup.set_defaults()  # before JAX initialises a backend
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from bltjax.runtime import cli, distributed, logs, storage  # noqa: E402
+# runtime.distributed defines --coordinator_address, --num_processes and --process_id.
+from bltjax.runtime import cli, distributed
+from bltjax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. experiments/debug.py or experiments/1b.py:tiny; "
@@ -29,21 +29,12 @@ flags.mark_flag_as_required("config")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logs.quiet_libraries()
-  distributed.initialize()
-  if distributed.process_index() > 0:
-    logging.set_verbosity(logging.WARNING)  # process 0 logs for everyone
-  from bltjax.train import trainer  # after jax.distributed.initialize, before any other JAX use
-  workdir = _WORKDIR.value or os.path.join(
-      "workdir", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
-  logging.info("workdir: %s", storage.abspath(workdir))  # gs:// URLs stay URLs
-  try:
-    trainer.run(_CONFIG.value, workdir, force_unlock=_FORCE_UNLOCK.value)
-  except trainer.Preempted as e:
-    logging.warning("%s; re-run the same command to resume", e)
+  cli.no_arguments(argv)
+  distributed.initialize()  # before any other JAX use: it connects this host's process
+  trainer.train(_CONFIG.value, _WORKDIR.value,
+                config_file=flags.FLAGS[_CONFIG.name].config_filename,
+                force_unlock=_FORCE_UNLOCK.value)
 
 
 if __name__ == "__main__":
-  cli.run(main)  # errors as one line (--verbose: traceback), exit 1
+  cli.run(main, malloc_tuning=True)  # errors as one line (--verbose: traceback), exit 1

@@ -5,9 +5,12 @@
     python -m bltjax.main --config=experiments/1b.py:tiny      # same structure, smoke-run size
 
 Architecture from the released checkpoint (docs/reference-notes.md §2); optimizer from the paper
-(§4.8); rows of 16k bytes (the paper's BLT-1T runs average 16k-byte contexts).
+(§4.8); rows of 16k bytes (the paper's BLT-1T runs average 16k-byte contexts). Corpus, input
+pipeline and schedule are the entropy model's (experiments/entropy_model.py), written once there;
+experiments/8b.py is this file with the 8B's sizes.
 """
 
+import copy
 import os
 
 import ml_collections
@@ -22,16 +25,16 @@ def get_config(arg=None):
   c.model_type = "blt"
   c.init_from = placeholder(str)  # start from these params (python -m bltjax.convert/export
                                   # output, or a workdir); its entropy model cuts the patches
+  encoder = dict(dim=1024, n_layers=1, n_heads=16, n_kv_heads=16,  # local encoder
+                 ffn_dim=2816,          # int(2*4*1024/3) rounded up to 256
+                 rope_theta=500000.0, norm_eps=1e-5,
+                 attn_window=512)       # 512-byte sliding window (paper)
   c.model = dict(
-      encoder=dict(dim=1024, n_layers=1, n_heads=16, n_kv_heads=16,  # local encoder
-                   ffn_dim=2816,          # int(2*4*1024/3) rounded up to 256
-                   rope_theta=500000.0, norm_eps=1e-5,
-                   attn_window=512),      # 512-byte sliding window (paper)
+      encoder=encoder,
       latent=dict(dim=2048, n_layers=25, n_heads=16, n_kv_heads=16,  # latent transformer
                   ffn_dim=5632, rope_theta=500000.0, norm_eps=1e-5,
                   attn_window=placeholder(int)),  # block-causal over all patches
-      decoder=dict(dim=1024, n_layers=9, n_heads=16, n_kv_heads=16,  # local decoder
-                   ffn_dim=2816, rope_theta=500000.0, norm_eps=1e-5, attn_window=512),
+      decoder=dict(encoder, n_layers=9),   # local decoder: the encoder's stack, 9 layers
       cross_attn_k=2,                      # k*D_E = 2048 = D_G: no latent input projection
       cross_attn_nheads=16,                # the local head count (as the HF conversion)
       cross_attn_all_layers_encoder=False,  # one encoder layer: CA after it
@@ -56,52 +59,24 @@ def get_config(arg=None):
       device="accelerator",         # where patches are cut: "host" | "accelerator"
                                     # (the entropy model runs on the mesh, one batch ahead)
       entropy_model_checkpoint=placeholder(str))  # None: stage 1 trains experiments/entropy_model
-  c.data = dict(
-      source="stdlib",          # replace with your corpus
-      paths=(),
-      text_field="text",
-      mixture=(),               # weighted sources (dicts: name, source, paths, weight, text_field);
-                                # () = the single source above. Weights are shares of bytes.
-      shuffle_window=1024,      # jsonl/parquet: documents shuffled within windows of this many
-      max_document_bytes=64 << 20,  # longer documents (a multi-GB one-line file or JSONL
-                                    # record) keep their first 64 MiB: oversized_docs
-      seq_len=16384,            # bytes per row
-      eval_fraction=0.001,
-      shards=0,                 # data shards (0: one per process)
-      num_workers=16,           # grain workers per host (they run the entropy model)
-      worker_buffer=2,
-      prefetch=2,
-      read_threads=16,
-      read_buffer=256,
-      host_hash_ids=False,      # hash ids on the device (exact 64-bit emulation)
-      preprocessed_dir=placeholder(str))
-  c.train = dict(
-      steps=100_000,
+  # Stage 1, the released entropy model. Its corpus, input pipeline and schedule are this
+  # stage's too, with longer rows and larger batches.
+  c.entropy_model = experiment.load(os.path.join(os.path.dirname(__file__), "entropy_model.py"))
+  c.data = copy.deepcopy(c.entropy_model.data)
+  c.data.update(seq_len=16384,  # bytes per row
+                num_workers=16)  # grain workers per host (they run the entropy model)
+  c.train = copy.deepcopy(c.entropy_model.train)
+  c.train.update(
       batch_size=1024,          # 1024 x 16k bytes = 16.8M bytes per step (paper: ~16M)
-      microbatches=8,           # gradient accumulation: 1 row per device per pass on 128 chips
-      log_every=50,
-      eval_every=2_000,
-      eval_batches=16,
+      microbatches=8,           # gradient accumulation: 1 row of 16k bytes per device per pass
+                                # on 128 chips
       checkpoint_every=1_000,
-      keep_checkpoints=3,
-      nonfinite="stop",         # non-finite loss/gradients: stop ('skip': skip the update, go on)
-      max_skipped_steps=10,     # consecutive skipped updates before the run stops
-      loss_spike_factor=0.0,    # >0: skip updates whose loss > factor x running mean (0: off)
-      loss_spike_horizon=100,   # horizon of that running mean (accepted steps)
-      entropy_figure=True,      # at each evaluation, log the next-byte entropy and patches of a
+      entropy_figure=True)      # at each evaluation, log the next-byte entropy and patches of a
                                 # held-out snippet to TensorBoard (patches/entropy; needs [plot])
-      eval_sets={})             # named held-out sources, each read whole and logged as
-                                # eval/<name>/bpb (and /loss) at every evaluation, e.g.
-                                # dict(wiki=dict(source="parquet", paths=("gs://b/wiki/*.parquet",),
-                                #                text_field="text"));
-                                # command line: --config.train.eval_sets="{'wiki': {'source':
-                                # 'parquet', 'paths': ('gs://b/wiki/*.parquet',), 'text_field':
-                                # 'text'}}"
   c.optim = dict(lr=4e-4, warmup_steps=2000, lr_min_ratio=0.0,  # paper: cosine to 0
                  b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
                  clip_norm=1.0)                                   # paper
   c.mesh = dict(shape=(1, -1, 1))  # FSDP over every device (e.g. a v5p-256 slice: 128 chips)
-  c.entropy_model = experiment.load(os.path.join(os.path.dirname(__file__), "entropy_model.py"))
   if arg == "tiny":
     return experiment.tiny(c)
   if arg:

@@ -9,104 +9,25 @@ with a SwiGLU width of 11008, the dimensions of the released weights, which this
         --config.data.paths="('/data/corpus/*.jsonl',)"
     python -m bltjax.main --config=experiments/8b.py:tiny      # same structure, smoke-run size
 
-Architecture from the released checkpoint (docs/reference-notes.md §2); optimizer from the paper
-(§4.8); rows of 16k bytes (the paper's BLT-1T runs average 16k-byte contexts).
+experiments/1b.py with the 8B's sizes: the architecture, its patching, data, schedule and
+optimizer are written once there.
 """
 
 import os
-
-import ml_collections
-from ml_collections.config_dict import placeholder
 
 from bltjax.train import experiment
 
 
 def get_config(arg=None):
-  c = ml_collections.ConfigDict()
-  c.seed = 42
-  c.model_type = "blt"
-  c.init_from = placeholder(str)  # start from these params (python -m bltjax.convert/export
-                                  # output, or a workdir); its entropy model cuts the patches
-  c.model = dict(
-      encoder=dict(dim=1280, n_layers=1, n_heads=20, n_kv_heads=20,  # local encoder
-                   ffn_dim=3584,          # int(2*4*1280/3) rounded up to 256
-                   rope_theta=500000.0, norm_eps=1e-5,
-                   attn_window=512),      # 512-byte sliding window (paper)
-      latent=dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,  # Llama-2-7B shaped
-                  ffn_dim=11008, rope_theta=500000.0, norm_eps=1e-5,
-                  attn_window=placeholder(int)),  # block-causal over all patches
-      decoder=dict(dim=1280, n_layers=6, n_heads=20, n_kv_heads=20,  # local decoder
-                   ffn_dim=3584, rope_theta=500000.0, norm_eps=1e-5, attn_window=512),
-      cross_attn_k=4,                      # k*D_E = 5120 -> Linear(5120, 4096) into the latent
-      cross_attn_nheads=20,                # the local head count (as the HF conversion)
-      cross_attn_all_layers_encoder=False,  # one encoder layer: CA after it
-      cross_attn_all_layers_decoder=True,   # CA before every decoder layer
-      hash_group_sizes=(3, 4, 5, 6, 7, 8),  # byte n-grams with hash embeddings
-      hash_vocab=500002,                    # rows per table
-      hash_functions=1,
-      runtime=dict(dtype="bfloat16", param_dtype="float32",
-                   remat_policy="dots_with_no_batch_dims_saveable",
-                   attn_chunk=128,  # local attention in 128-query blocks (divides the 512 window)
-                   attn_loop=False,  # all blocks as one batched op (accelerators)
-                   scan_unroll=1))  # rolled layer loops: compile time independent of depth
-  c.patching = dict(
-      mode="entropy",
-      threshold=1.335442066192627,  # the released global threshold (nats)
-      target_patch_size=placeholder(float),  # only used when threshold is None
-      threshold_add=placeholder(float),
-      monotonic=False,
-      patch_size=placeholder(int),
-      max_patch_length=placeholder(int),
-      max_patches=4096,             # per row: 16384 bytes at ~4.5 bytes/patch need ~3640
-      device="accelerator",         # where patches are cut: "host" | "accelerator"
-                                    # (the entropy model runs on the mesh, one batch ahead)
-      entropy_model_checkpoint=placeholder(str))  # None: stage 1 trains experiments/entropy_model
-  c.data = dict(
-      source="stdlib",          # replace with your corpus
-      paths=(),
-      text_field="text",
-      mixture=(),               # weighted sources (dicts: name, source, paths, weight, text_field);
-                                # () = the single source above. Weights are shares of bytes.
-      shuffle_window=1024,      # jsonl/parquet: documents shuffled within windows of this many
-      max_document_bytes=64 << 20,  # longer documents (a multi-GB one-line file or JSONL
-                                    # record) keep their first 64 MiB: oversized_docs
-      seq_len=16384,            # bytes per row
-      eval_fraction=0.001,
-      shards=0,                 # data shards (0: one per process)
-      num_workers=16,           # grain workers per host (they run the entropy model)
-      worker_buffer=2,
-      prefetch=2,
-      read_threads=16,
-      read_buffer=256,
-      host_hash_ids=False,      # hash ids on the device (exact 64-bit emulation)
-      preprocessed_dir=placeholder(str))
-  c.train = dict(
-      steps=100_000,
-      batch_size=1024,          # 1024 x 16k bytes = 16.8M bytes per step (paper: ~16M)
-      microbatches=8,           # gradient accumulation: 1 row of 16k bytes per device per pass
-      log_every=50,
-      eval_every=2_000,
-      eval_batches=16,
-      checkpoint_every=1_000,
-      keep_checkpoints=3,
-      nonfinite="stop",         # non-finite loss/gradients: stop ('skip': skip the update, go on)
-      max_skipped_steps=10,     # consecutive skipped updates before the run stops
-      loss_spike_factor=0.0,    # >0: skip updates whose loss > factor x running mean (0: off)
-      loss_spike_horizon=100,   # horizon of that running mean (accepted steps)
-      entropy_figure=True,      # at each evaluation, log the next-byte entropy and patches of a
-                                # held-out snippet to TensorBoard (patches/entropy; needs [plot])
-      eval_sets={})             # named held-out sources, each read whole and logged as
-                                # eval/<name>/bpb (and /loss) at every evaluation, e.g.
-                                # dict(wiki=dict(source="parquet", paths=("gs://b/wiki/*.parquet",),
-                                #                text_field="text"));
-                                # command line: --config.train.eval_sets="{'wiki': {'source':
-                                # 'parquet', 'paths': ('gs://b/wiki/*.parquet',), 'text_field':
-                                # 'text'}}"
-  c.optim = dict(lr=4e-4, warmup_steps=2000, lr_min_ratio=0.0,  # paper: cosine to 0
-                 b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
-                 clip_norm=1.0)                                   # paper
-  c.mesh = dict(shape=(1, -1, 1))  # FSDP over every device (e.g. a v5p-256 slice: 128 chips)
-  c.entropy_model = experiment.load(os.path.join(os.path.dirname(__file__), "entropy_model.py"))
+  c = experiment.load(os.path.join(os.path.dirname(__file__), "1b.py"))  # all else as there
+  for stack in (c.model.encoder, c.model.decoder):  # the local models
+    stack.update(dim=1280, n_heads=20, n_kv_heads=20,
+                 ffn_dim=3584)  # int(2*4*1280/3) rounded up to 256
+  c.model.decoder.n_layers = 6
+  c.model.latent.update(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,  # Llama-2-7B shaped
+                        ffn_dim=11008)
+  c.model.cross_attn_k = 4  # k*D_E = 5120 -> Linear(5120, 4096) into the latent
+  c.model.cross_attn_nheads = 20  # the local head count (as the HF conversion)
   if arg == "tiny":
     return experiment.tiny(c)
   if arg:

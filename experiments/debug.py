@@ -20,16 +20,17 @@ def get_config(arg=None):
   c.init_from = placeholder(str)  # start from these params (python -m bltjax.convert/export
                                   # output, or a workdir); its entropy model cuts the patches
 
+  encoder = dict(             # local encoder: bytes, windowed self-attention
+      dim=128,                # D_E (the decoder's width too)
+      n_layers=1,             # the paper: one encoder layer suffices with hash n-grams
+      n_heads=4,              # head_dim 32
+      n_kv_heads=4,           # MHA
+      ffn_dim=384,            # SwiGLU hidden width
+      rope_theta=500000.0,    # as the released BLTs
+      norm_eps=1e-5,
+      attn_window=128)        # sliding window in bytes (512 in the paper; rows are short here)
   c.model = dict(
-      encoder=dict(           # local encoder: bytes, windowed self-attention
-          dim=128,            # D_E (must equal the decoder width)
-          n_layers=1,         # the paper: one encoder layer suffices with hash n-grams
-          n_heads=4,          # head_dim 32
-          n_kv_heads=4,       # MHA
-          ffn_dim=384,        # SwiGLU hidden width
-          rope_theta=500000.0,  # as the released BLTs
-          norm_eps=1e-5,
-          attn_window=128),   # sliding window in bytes (512 in the paper; rows are short here)
+      encoder=encoder,
       latent=dict(            # latent transformer over patches
           dim=256,            # D_G
           n_layers=2,
@@ -39,15 +40,9 @@ def get_config(arg=None):
           rope_theta=500000.0,
           norm_eps=1e-5,
           attn_window=placeholder(int)),  # block-causal over all patches
-      decoder=dict(           # local decoder: bytes, cross-attends to patches
-          dim=128,
-          n_layers=2,
-          n_heads=4,
-          n_kv_heads=4,
-          ffn_dim=384,
-          rope_theta=500000.0,
-          norm_eps=1e-5,
-          attn_window=128),
+      decoder=dict(encoder, n_layers=2),  # local decoder: bytes, cross-attends to patches; the
+                                          # encoder's stack, one layer deeper (it runs per
+                                          # byte: the costliest part per parameter)
       cross_attn_k=2,         # sub-queries per patch: latent input width k*D_E = 256 = D_G
       cross_attn_nheads=4,    # heads of every cross-attention
       cross_attn_all_layers_encoder=False,  # CA after the last encoder layer
@@ -74,14 +69,16 @@ def get_config(arg=None):
       max_patches=256,        # patches per row (fixed shape); surplus merged and counted
       device="host",          # where patches are cut: "host" | "accelerator"
                               # (on CPU: the input workers patch while the step runs)
-      entropy_model_checkpoint=placeholder(str))  # None: stage 1 trains one into WORKDIR/entropy_model
+      entropy_model_checkpoint=placeholder(str))  # None: stage 1 trains one into
+                                                  # WORKDIR/entropy_model
 
   c.data = dict(
       source="stdlib",        # the running Python's standard library: no download needed
       paths=(),               # files/globs for the text/jsonl/parquet/arrayrecord sources
       text_field="text",      # JSON field / Parquet column with the document text
-      mixture=(),             # weighted sources, e.g. (dict(name="web", source="jsonl", paths=(...),
-                              # weight=0.7, text_field="text"), ...); () = the source above
+      mixture=(),             # weighted sources, e.g. (dict(name="web", source="jsonl",
+                              # paths=(...), weight=0.7, text_field="text"), ...); () = the
+                              # source above
       shuffle_window=1024,    # jsonl/parquet: documents shuffled within windows of this many
       max_document_bytes=64 << 20,  # longer documents (a multi-GB one-line file or JSONL
                                     # record) keep their first 64 MiB: oversized_docs
@@ -96,7 +93,8 @@ def get_config(arg=None):
       read_threads=2,         # document reading threads
       read_buffer=64,         # documents read ahead
       host_hash_ids=False,    # compute hash n-gram ids on the device (exact 64-bit emulation)
-      preprocessed_dir=placeholder(str))  # read rows written by `python -m bltjax.preprocess` instead
+      preprocessed_dir=placeholder(str))  # read rows written by `python -m bltjax.preprocess`
+                                          # instead
 
   c.train = dict(
       steps=300,              # optimizer steps (~4 minutes on 2 CPU cores)

@@ -5,7 +5,8 @@
 
 99.5M parameters. Settings follow Meta's `bytelatent/configs/entropy_model.yaml` (the paper's
 text says 512 wide; the released weights are 768 wide, and a BLT must be patched by the model it
-was trained with). `:tiny` shrinks it for a smoke run.
+was trained with). `:tiny` shrinks it for a smoke run. experiments/1b.py trains its BLT on this
+corpus, input pipeline and schedule.
 """
 
 import ml_collections
@@ -53,7 +54,7 @@ def get_config(arg=None):
       prefetch=2,              # global batches kept ready
       read_threads=16,         # document reading threads
       read_buffer=256,         # documents read ahead
-      host_hash_ids=False,     # no hash embeddings in this model
+      host_hash_ids=False,     # a BLT's hash n-gram ids on the device (none in this model)
       preprocessed_dir=placeholder(str))
   c.train = dict(
       steps=100_000,           # reference

@@ -1,12 +1,13 @@
-"""bltjax.ablate: FLOP-matched runs of experiments/ablation.py, skipped when finished."""
+"""bltjax.train.ablation (python -m bltjax.ablate): FLOP-matched runs of experiments/ablation.py,
+skipped when finished."""
 
 import csv
 import json
 
+from etils import epath
 import pytest
 
-from bltjax import ablate
-from bltjax.train import experiment, metrics, trainer
+from bltjax.train import ablation as ablation_lib, experiment, metrics, trainer
 
 # Runs cheap enough for the default suite: one of each kind of FLOP accounting (a byte LM, a BLT
 # with fixed patches, a BLT whose patch size is measured).
@@ -18,12 +19,12 @@ _BUDGET = 2e10  # about 10-25 steps of each tiny model
 def finished(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("ablation"))
   ablation = experiment.load("experiments/ablation.py:tiny")
-  rows = ablate.run(ablation, root, budget=_BUDGET, only=_ONLY)
+  rows = ablation_lib.run(ablation, root, budget=_BUDGET, only=_ONLY)
   return ablation, root, rows
 
 
 def _plan(root, name):
-  return json.loads((ablate.epath.Path(root) / name / ablate.PLAN_FILE).read_text())
+  return json.loads((epath.Path(root) / name / ablation_lib.PLAN_FILE).read_text())
 
 
 @pytest.mark.long  # three tiny training runs: ~1.5 min
@@ -63,8 +64,8 @@ def test_rerun_skips_finished_runs(finished, monkeypatch):
   ablation, root, rows = finished
   def no_training(*a, **k):
     raise AssertionError("a finished run was trained again")
-  monkeypatch.setattr(train, "run", no_training)
-  again = ablate.run(ablation, root, budget=_BUDGET, only=_ONLY)
+  monkeypatch.setattr(trainer, "run", no_training)
+  again = ablation_lib.run(ablation, root, budget=_BUDGET, only=_ONLY)
   assert again == rows
 
 
@@ -72,9 +73,9 @@ def test_rerun_skips_finished_runs(finished, monkeypatch):
 def test_another_budget_on_the_same_root_is_refused(finished):
   ablation, root, _ = finished
   with pytest.raises(ValueError, match="budget"):
-    ablate.run(ablation, root, budget=2 * _BUDGET, only=("byte",))
+    ablation_lib.run(ablation, root, budget=2 * _BUDGET, only=("byte",))
 
 
 def test_unknown_run_name():
   with pytest.raises(ValueError, match="unknown run"):
-    ablate.check(experiment.load("experiments/ablation.py:tiny"), ["nope"])
+    ablation_lib.check(experiment.load("experiments/ablation.py:tiny"), ["nope"])

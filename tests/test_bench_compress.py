@@ -1,4 +1,4 @@
-"""bltjax.bench_compress: the compressors see exactly the held-out ids the evaluator's batches
+"""bltjax.bench.compress: the compressors see exactly the held-out ids the evaluator's batches
 hold (checked against `pipeline.make_dataset(config, 'eval', ...)`), and its figures are what
 lzma/gzip give on those documents."""
 
@@ -8,7 +8,7 @@ import lzma
 import numpy as np
 import pytest
 
-from bltjax import bench_compress
+from bltjax.bench import compress
 from bltjax.data import documents, pipeline
 from bltjax.data import shards as shards_lib
 from bltjax.model import tokenizer
@@ -53,11 +53,11 @@ def _evaluated_windows(config):
 def test_covered_documents_are_the_evaluated_ids(tmp_path, shards, eval_batches):
   config = _config(tmp_path, shards, eval_batches)
   windows, targets = _evaluated_windows(config)
-  docs = bench_compress.covered_documents(config)
+  docs = compress.covered_documents(config)
   for shard, ids in enumerate(windows):
     mine = [d.ids for d in docs if d.shard == shard]
     assert np.array_equal(np.concatenate(mine), ids)
-  res = bench_compress.compress_figures(config)
+  res = compress.compress_figures(config)
   cov = res["covered"]
   assert cov["ids"] == sum(len(w) for w in windows)
   assert cov["targets"] == targets  # eval_bpb's denominator
@@ -95,7 +95,7 @@ def test_figures_match_an_independent_computation(tmp_path):
   xz = sum(8 * len(lzma.compress(d, preset=9 | lzma.PRESET_EXTREME)) for d in docs) / nbytes
   gz = sum(8 * len(gzip.compress(d, 9, mtime=0)) for d in docs) / nbytes
   xz_cat = 8 * len(lzma.compress(b"".join(docs), preset=9 | lzma.PRESET_EXTREME)) / nbytes
-  res = bench_compress.compress_figures(config)
+  res = compress.compress_figures(config)
   cov = res["covered"]
   assert (cov["documents"], cov["bytes"]) == (len(docs), nbytes)
   assert cov["per_document"]["xz -9e"] == pytest.approx(xz, rel=1e-12)
@@ -108,5 +108,5 @@ def test_figures_match_an_independent_computation(tmp_path):
   assert (whole["documents"], whole["bytes"]) == (len(held), sum(map(len, held)))
   assert whole["per_document"]["xz -9e"] == pytest.approx(sum(
       8 * len(lzma.compress(d, preset=9 | lzma.PRESET_EXTREME)) for d in held) / whole["bytes"])
-  table = bench_compress.format_table(res, config)
+  table = compress.format_table(res, config)
   assert "xz -9e" in table and "cut after" in table

@@ -100,7 +100,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, model,
   ck = checkpointer.Checkpointer(str(tmp_path))
   with caplog.at_level(logging.WARNING):
     r = ck.restore_latest(model[0], it)
-  assert r.step == 2 and r.config == {"step": 2} and r.meta == {"meta_step": 2}
+  assert r.step == 2 and r.config == {"step": 2} and r.metadata == {"meta_step": 2}
   assert_state_of(r.state, model, 2)
   assert next(r.data_iter) == 20  # the iterator too was restored from step 2
   it.close()
@@ -200,7 +200,7 @@ def test_missing_json_items_fall_back(tmp_path, model):
   assert listing(ckpts) == ["1", "2", "3.corrupt"]
   shutil.rmtree(os.path.join(ckpts, "2", "config"))
   r = ck.restore_latest(model[0])
-  assert r.step == 1 and r.meta == {"meta_step": 1} and r.data_iter is None
+  assert r.step == 1 and r.metadata == {"meta_step": 1} and r.data_iter is None
   assert_state_of(r.state, model, 1)
   assert listing(ckpts) == ["1", "2.corrupt", "3.corrupt"]
   ck.close()
@@ -221,7 +221,7 @@ def test_processes_agree_on_the_step(tmp_path, model, monkeypatch):
   from jax.experimental import multihost_utils
   ckpts = save(tmp_path, model, [1, 2])
   others, synced = iter([repair.UNREADABLE, repair.OK]), []
-  monkeypatch.setattr(checkpoint_repair, "multiprocess", lambda: True)
+  monkeypatch.setattr(repair, "multiprocess", lambda: True)
   monkeypatch.setattr(multihost_utils, "process_allgather",
                       lambda code: np.array([code, next(others)]))
   monkeypatch.setattr(multihost_utils, "sync_global_devices", synced.append)

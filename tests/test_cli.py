@@ -139,6 +139,7 @@ def test_error_after_the_input_workers_started_exits_1_without_aborting(tmp_path
   assert not any(c in err for c in CRASH), err[-3000:]
   errors = [line for line in err.splitlines() if line.startswith("error: ")]
   assert len(errors) == 1 and str(empty) in errors[0], err[-3000:]
+  assert "leaked shared_memory" not in err  # the batches read ahead were released
   assert not left, names
 
 

@@ -180,7 +180,7 @@ def test_the_entropy_stage_eval_sets_are_checked_too(tmp_path):
   cfg.entropy_model.train.eval_sets = dict(w=dict(source="text", paths=(missing,)))
   experiment.validate(cfg, 8)
   with pytest.raises(FileNotFoundError, match="entropy_model.train.eval_sets.w.paths: .*gone"):
-    heldout.check_eval_sets(cfg)
+    experiment.check_paths(cfg, str(tmp_path / "wd"), 0, 1)
 
 
 def test_an_empty_eval_set_names_the_set(tmp_path, corpus):
@@ -205,9 +205,9 @@ def test_eval_sets_from_the_command_line():
   experiment.validate(holder.value, 8)
 
 
-@pytest.mark.parametrize("experiment", ["debug.py", "entropy_model.py", "1b.py", "8b.py"])
-def test_every_experiment_sets_no_eval_sets(experiment):
-  cfg = experiment.load(os.path.join(REPO, "experiments", experiment))
+@pytest.mark.parametrize("name", ["debug.py", "entropy_model.py", "1b.py", "8b.py"])
+def test_every_experiment_sets_no_eval_sets(name):
+  cfg = experiment.load(os.path.join(REPO, "experiments", name))
   assert cfg.train.eval_sets.to_dict() == {}
   if "entropy_model" in cfg:
     assert cfg.entropy_model.train.eval_sets.to_dict() == {}

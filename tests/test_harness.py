@@ -15,8 +15,8 @@ from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
 
-from bltjax import BLT, evaluate
-from bltjax.inference import harness
+from bltjax import BLT
+from bltjax.inference import harness, lm_evaluation
 from bltjax.inference.api import param_shapes
 from bltjax.model import tokenizer
 from bltjax.model.blt import ByteLatentTransformer
@@ -273,12 +273,12 @@ def test_model_args(lm, root):
 def test_missing_lm_eval_and_unknown_task(monkeypatch, tasks_dir):
   monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval raises ImportError
   with pytest.raises(ImportError, match=r'lm-eval is not installed: pip install "bltjax\[eval\]"'):
-    evaluate.import_lm_eval()
+    lm_evaluation.import_lm_eval()
   monkeypatch.undo()
   tm = TaskManager(include_path=str(tasks_dir), include_defaults=False)
-  evaluate.check_tasks([MC_TASK], tm, include_path=str(tasks_dir))
+  lm_evaluation.check_tasks([MC_TASK], tm, include_path=str(tasks_dir))
   with pytest.raises(ValueError, match="unknown lm-eval task 'no_such_task'"):
-    evaluate.check_tasks([MC_TASK, "no_such_task"], tm, include_path=str(tasks_dir))
+    lm_evaluation.check_tasks([MC_TASK, "no_such_task"], tm, include_path=str(tasks_dir))
 
 
 def test_cli(root, tasks_dir):

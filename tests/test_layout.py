@@ -35,9 +35,13 @@ LAZY = {
     "lm_eval": "the [eval] extra; only lm-evaluation-harness runs need it",
     "tokenizers": "only token_lm runs need it (1 s to import)",
     "wandb": "an optional metrics sink",
+    "PIL": "comes with matplotlib (the [plot] extra); only the TensorBoard entropy image needs it",
+    "google.auth": "only a check of real Cloud Storage needs it (0.4 s with requests), and "
+                   "bltjax.runtime.storage is imported almost everywhere",
     "bltjax.checkpoint.checkpointer": "Orbax (1.2 s, threads) stays out of grain workers and "
                                       "of model-only uses",
     "bltjax.inference.api": "`import bltjax` stays light (bltjax/__init__.py)",
+    "bltjax.inference.harness": "lm_eval at import (the [eval] extra)",
     "bltjax.model.tokenizer": "`import bltjax` stays light (bltjax/__init__.py)",
 }
 

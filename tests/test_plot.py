@@ -1,5 +1,6 @@
-"""bltjax.plot: the entropy figure shows the model's own entropies and patches, PNG sizes, training
-curves from metrics.jsonl, the commands, and TensorBoard images (the training hook included)."""
+"""Pictures (bltjax.viz, python -m bltjax.plot): the entropy figure shows the model's own
+entropies and patches, PNG sizes, training curves from metrics.jsonl (bltjax.train.run_curves),
+the commands, and TensorBoard images (the training hook, bltjax.train.entropy_figure)."""
 
 import json
 import math
@@ -15,12 +16,13 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from bltjax import BLT, plot  # noqa: E402
+from bltjax import BLT  # noqa: E402
 from bltjax.model import patching, tokenizer  # noqa: E402
 from bltjax.model.blt import ByteLatentTransformer  # noqa: E402
 from bltjax.model.config import PatchingConfig, to_dict  # noqa: E402
 from bltjax.model.lm import TransformerLM  # noqa: E402
-from bltjax.train import metrics, patcher  # noqa: E402
+from bltjax.train import entropy_figure, metrics, patcher, run_curves  # noqa: E402
+from bltjax.viz import canvas, entropy  # noqa: E402
 from tests import tiny  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,8 +58,8 @@ def png_size(png: bytes) -> tuple[int, int]:
 
 
 def expected_size(n_bytes: int) -> tuple[int, int]:
-  w, h = plot.figure_size(n_bytes)
-  return round(w * plot.DPI), round(h * plot.DPI)
+  w, h = entropy.figure_size(n_bytes)
+  return round(w * canvas.DPI), round(h * canvas.DPI)
 
 
 def run_plot(*args, check=True):
@@ -71,7 +73,7 @@ def run_plot(*args, check=True):
 
 
 def test_figure_data_is_the_models_entropies_and_patches(blt):
-  data = plot.entropy_figure_data(blt, TEXT)
+  data = entropy.entropy_figure_data(blt, TEXT)
   raw = TEXT.encode()
   n = len(raw)
   tokens = tokenizer.encode(raw, add_eos=False)[None]
@@ -88,7 +90,7 @@ def test_figure_data_is_the_models_entropies_and_patches(blt):
   np.testing.assert_array_equal(data["patch_starts"], first | (h > data["threshold"]))
 
   low = float(np.quantile(h, 0.2))
-  lower = plot.entropy_figure_data(blt, TEXT, threshold=low)
+  lower = entropy.entropy_figure_data(blt, TEXT, threshold=low)
   np.testing.assert_array_equal(lower["entropies"], h)
   np.testing.assert_array_equal(lower["patch_starts"], first | (h > low))
   assert lower["threshold"] == low
@@ -96,24 +98,24 @@ def test_figure_data_is_the_models_entropies_and_patches(blt):
       blt.entropies(tokens), low), n + 1)[0]
   assert list(np.flatnonzero(lower["patch_starts"]) + 1) == want[1:]
 
-  mono = plot.entropy_figure_data(blt, TEXT, threshold=0.01, monotonic=True)
+  mono = entropy.entropy_figure_data(blt, TEXT, threshold=0.01, monotonic=True)
   rise = np.concatenate([[np.inf], np.diff(h)]) > 0.01
   np.testing.assert_array_equal(mono["patch_starts"], (np.arange(n) < 2) | rise)
   assert mono["threshold"] is None and "monotonic" in mono["mode"]
   with pytest.raises(ValueError, match="--monotonic needs --threshold"):
-    plot.entropy_figure_data(blt, TEXT, monotonic=True)
+    entropy.entropy_figure_data(blt, TEXT, monotonic=True)
 
 
 def test_byte_labels():
-  labels = plot.byte_labels("a b\n\tü\x00".encode() + b"\xff")
+  labels = entropy.byte_labels("a b\n\tü\x00".encode() + b"\xff")
   assert labels == ["a", "␣", "b", "⏎", "⇥", "ü", "·", "00", "ff"]
 
 
 def test_figure_grows_with_the_bytes(blt):
   sizes = []
   for n in (40, 90, 250):
-    data = plot.entropy_figure_data(blt, (TEXT * 5)[:n])
-    png = plot.figure_png(plot.draw_entropy(data))
+    data = entropy.entropy_figure_data(blt, (TEXT * 5)[:n])
+    png = canvas.figure_png(entropy.draw_entropy(data))
     assert png_size(png) == expected_size(len(data["bytes"]))
     sizes.append(png_size(png))
   assert sizes[0][0] < sizes[1][0] <= sizes[2][0]  # wider up to a row of ROW_BYTES bytes,
@@ -152,33 +154,33 @@ RECORDS = [  # 4 x 8 = 32 bytes per step
 def test_curve_data(tmp_path):
   wd = str(tmp_path / "run")
   write_run(wd, RECORDS)
-  xs, ys = plot.curve_data(wd, "step", "bpb")
+  xs, ys = run_curves.curve_data(wd, "step", "bpb")
   np.testing.assert_allclose(xs, [2, 4, 6])
   np.testing.assert_allclose(ys, [3.0, 2.0, 1.5])
-  xs, ys = plot.curve_data(wd, "bytes", "eval_bpb")
+  xs, ys = run_curves.curve_data(wd, "bytes", "eval_bpb")
   np.testing.assert_allclose(xs, [96, 192, 256])
   np.testing.assert_allclose(ys, [2.5, 1.75, 1.5])
   # FLOPs: 2 steps x 32 bytes x 10, then 2 x 32 x 20, then 2 x 32 x 30.
-  xs, _ = plot.curve_data(wd, "flops", "bpb")
+  xs, _ = run_curves.curve_data(wd, "flops", "bpb")
   np.testing.assert_allclose(xs, [640, 1920, 3840])
-  xs, _ = plot.curve_data(wd, "flops", "eval_bpb")
+  xs, _ = run_curves.curve_data(wd, "flops", "eval_bpb")
   np.testing.assert_allclose(xs, [640 + 32 * 20, 3840, 3840 + 2 * 32 * 30])
   # A token model logs its bytes per token: bytes follow it window by window.
   tok = str(tmp_path / "tokens")
   write_run(tok, [dict(step=2, loss=1.0, bytes_per_token=4.0, flops_per_byte=1.0),
                   dict(step=4, loss=1.0, bytes_per_token=2.0, flops_per_byte=1.0)])
-  xs, _ = plot.curve_data(tok, "bytes", "bpb")
+  xs, _ = run_curves.curve_data(tok, "bytes", "bpb")
   np.testing.assert_allclose(xs, [2 * 32 * 4, 2 * 32 * 4 + 2 * 32 * 2])
 
   with pytest.raises(ValueError, match="no record has 'eval/wiki/bpb'"):
-    plot.curve_data(wd, "step", "eval/wiki/bpb")
+    run_curves.curve_data(wd, "step", "eval/wiki/bpb")
   with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
-    plot.curve_data(str(tmp_path / "nothing"), "step", "bpb")
+    run_curves.curve_data(str(tmp_path / "nothing"), "step", "bpb")
   with pytest.raises(ValueError, match="--x='tokens'"):
-    plot.curve_data(wd, "tokens", "bpb")
+    run_curves.curve_data(wd, "tokens", "bpb")
   os.remove(os.path.join(wd, "config.json"))
   with pytest.raises(FileNotFoundError, match="config.json"):
-    plot.curve_data(wd, "bytes", "bpb")
+    run_curves.curve_data(wd, "bytes", "bpb")
 
 
 def test_curves_command(tmp_path):
@@ -213,7 +215,7 @@ def tensorboard_images(tb_dir, tag):
 
 
 def test_write_image(blt, tmp_path):
-  png = plot.figure_png(plot.draw_entropy(plot.entropy_figure_data(blt, TEXT)))
+  png = canvas.figure_png(entropy.draw_entropy(entropy.entropy_figure_data(blt, TEXT)))
   writer = metrics.MetricWriter(str(tmp_path / "wd"))
   writer.write_image(7, "patches/entropy", png)
   writer.close()
@@ -230,7 +232,7 @@ def test_write_image(blt, tmp_path):
   assert remote._dirty and tensorboard_images(str(tmp_path / "remote"), "patches/entropy")
 
 
-class _Evaluator:  # what TrainingFigure reads of bltjax.train.heldout.Evaluator: its first eval batch
+class _Evaluator:  # what TrainingFigure reads of heldout.Evaluator: its first eval batch
   def __init__(self, rows):
     self.rows = [np.array(rows, np.int32)[0]]
 
@@ -246,24 +248,25 @@ def test_training_figure(blt, tmp_path):
   doc = tokenizer.encode(TEXT)  # BOS ... EOS, then the next document
   row = np.concatenate([doc, tokenizer.encode("next document")])[None]
   evaluator = _Evaluator(row)
-  assert plot.eval_snippet(evaluator) == TEXT.encode()
-  assert plot.eval_snippet(_Evaluator([[1] * 8])) == plot.SNIPPET  # no byte: the constant
+  assert entropy_figure.eval_snippet(evaluator) == TEXT.encode()
+  # No byte: the constant.
+  assert entropy_figure.eval_snippet(_Evaluator([[1] * 8])) == entropy_figure.SNIPPET
   writer = metrics.MetricWriter(str(tmp_path / "wd"))
-  figure = plot.TrainingFigure.create(run)
+  figure = entropy_figure.TrainingFigure.create(run)
   figure.log(writer, 4, evaluator)
   figure.log(writer, 8, evaluator)
   writer.close()
-  images = tensorboard_images(str(tmp_path / "wd" / "tensorboard"), plot.TAG)
+  images = tensorboard_images(str(tmp_path / "wd" / "tensorboard"), entropy_figure.TAG)
   assert [s for s, _ in images] == [4, 8] and not figure.off
   assert (images[0][1].width, images[0][1].height) == expected_size(len(TEXT.encode()))
   # The same picture as the checkpoint's own figure (same entropies and patches).
-  want = plot.figure_png(plot.draw_entropy(plot.entropy_figure_data(blt, TEXT),
-                                           title="step 4: next-byte entropy and patches of a "
-                                           "held-out snippet"))
+  want = canvas.figure_png(entropy.draw_entropy(entropy.entropy_figure_data(blt, TEXT),
+                                               title="step 4: next-byte entropy and patches of a "
+                                               "held-out snippet"))
   assert images[0][1].encoded_image_string == _reencoded(want)
 
-  assert plot.TrainingFigure.create(None) is None
-  broken = plot.TrainingFigure.create(patcher.Patcher(
+  assert entropy_figure.TrainingFigure.create(None) is None
+  broken = entropy_figure.TrainingFigure.create(patcher.Patcher(
       blt.patching_config, 64, "host", patcher.EntropySpec(str(tmp_path / "none"), spec.model),
       None, {}))
   broken.log(writer, 4, evaluator)  # logged, never raised
@@ -286,11 +289,12 @@ def test_training_run_logs_the_entropy_figure(tmp_path):
   config = experiment.tiny(experiment.load(os.path.join(REPO, "experiments", "debug.py")))
   config.train.entropy_figure = True  # tiny() turns it off
   trainer.run(config, workdir)
-  images = tensorboard_images(os.path.join(workdir, "tensorboard"), plot.TAG)
+  images = tensorboard_images(os.path.join(workdir, "tensorboard"), entropy_figure.TAG)
   assert [s for s, _ in images] == [4]
-  assert not tensorboard_images(os.path.join(workdir, "entropy_model", "tensorboard"), plot.TAG)
+  assert not tensorboard_images(os.path.join(workdir, "entropy_model", "tensorboard"),
+                                entropy_figure.TAG)
   # The BLT workdir plots with its stage-1 entropy model (WORKDIR/entropy_model).
-  data = plot.entropy_figure_data(BLT.load(workdir), TEXT)
+  data = entropy.entropy_figure_data(BLT.load(workdir), TEXT)
   assert data["threshold"] == BLT.load(workdir).patching_config.threshold
   out = tmp_path / "fig.png"
   run_plot("entropy", f"--checkpoint={workdir}", f"--text={TEXT}", f"--out={out}")

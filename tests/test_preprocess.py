@@ -92,7 +92,7 @@ def starts(lengths_BxP, n=64):
 
 
 def run_preprocess(cfg, out, dtype="float32"):
-  from bltjax import preprocess
+  from bltjax.train import preprocess
   return preprocess.preprocess(cfg, str(out), entropy_dtype=dtype,
                                rows_per_device=ROWS_PER_DEVICE)
 
@@ -233,7 +233,10 @@ def test_clear_errors(tmp_path, corpus, entropy_model):
     read(**{"data.shards": 4})
   other = save_entropy_model(tmp_path / "other_ent", seed=1)
   with pytest.raises(ValueError, match="holds the entropies of entropy model"):
-    read(**{"patching.entropy_model_checkpoint": str(other)})
+    # Checked where the run's patching is set up (the reader in data/ loads no checkpoint).
+    patcher.setup(make_config(corpus, entropy_model, **{
+        "data.preprocessed_dir": str(out), "patching.entropy_model_checkpoint": str(other)}),
+        None, None, stored=pre.read_manifest(out))
   with pytest.raises(FileNotFoundError, match="no manifest.json"):
     pre.read_manifest(tmp_path / "nothing")
   # Another config into the same --out; shards that do not divide.
@@ -241,7 +244,7 @@ def test_clear_errors(tmp_path, corpus, entropy_model):
     run_preprocess(make_config(corpus, entropy_model, **{"train.steps": 6}), out)
   with pytest.raises(ValueError, match="does not split over 3 data shards"):
     run_preprocess(make_config(corpus, entropy_model, **{"data.shards": 3}), tmp_path / "x")
-  from bltjax import preprocess
+  from bltjax.train import preprocess
   with pytest.raises(ValueError, match="not a multiple of --num_training_processes=4"):
     preprocess.num_shards(make_config(corpus, entropy_model, **{"data.shards": 2}), 4)
   (out / "eval" / "shard-00001-of-00002.done").unlink()
@@ -257,6 +260,8 @@ def test_gcs_directory(tmp_path, corpus, entropy_model, gcs):
   run_preprocess(make_config(corpus, entropy_model), local)
   url = gcs.gs("pre")
   proc = gcs.python(f"""
+from bltjax.runtime import process_setup
+process_setup.set_defaults()  # the XLA flags of this process (tests/conftest.py): same entropies
 import logging, pathlib
 import numpy as np
 from bltjax.data import pipeline

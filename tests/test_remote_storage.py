@@ -129,14 +129,14 @@ _TINY_BLT = """
   from bltjax import BLT
   from bltjax.model.blt import ByteLatentTransformer
   from bltjax.model.config import PatchingConfig
-  from bltjax.model.lm import EntropyModel
+  from bltjax.model.lm import TransformerLM
   from tests import tiny
   cfg, ecfg = tiny.blt_config(), tiny.entropy_config()
   t = np.ones((1, 8), np.int32)
   unbox = lambda p: jax.tree.map(lambda x: x.unbox(), p, is_leaf=lambda x: hasattr(x, "unbox"))
   params = unbox(jax.jit(ByteLatentTransformer(cfg).init)(jax.random.key(0), t,
                                                           np.ones((1, 9), np.int32)))
-  eparams = unbox(jax.jit(EntropyModel(ecfg).init)(jax.random.key(1), t))
+  eparams = unbox(jax.jit(TransformerLM(ecfg).init)(jax.random.key(1), t))
   pc = PatchingConfig("entropy", 2.0, None, False, None, None)
   blt = BLT(cfg, params["params"], patching_cfg=pc, entropy_cfg=ecfg,
             entropy_params=eparams["params"], max_context=256)

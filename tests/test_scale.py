@@ -139,8 +139,9 @@ def test_flops_per_byte_accounting():
 
 
 def test_compile_only_check_on_fake_devices():
-  """bltjax.aot on this machine's 8 fake devices (an 'a100x8' mesh): compiles the real step."""
-  from bltjax import aot
+  """bltjax.train.aot on this machine's 8 fake devices (an 'a100x8' mesh): compiles the real
+  step."""
+  from bltjax.train import aot
   c = experiment.tiny(load("debug"))  # mesh (1, -1, 1): FSDP over the 8 devices, as the paper configs
   r = aot.compile_report(c, "a100x8", mfu=0.4, bytes_per_patch=4.0)
   assert r["error"] is None and r["total"] < r["hbm"]

@@ -167,12 +167,21 @@ def test_invalid_configs_name_the_field(field, value, message):
 
 
 def test_quickstart_command_end_to_end(tmp_path):
-  """`python -m bltjax.main --config=experiments/debug.py` (tiny): both stages and outputs."""
+  """`python -m bltjax.main --config=experiments/debug.py` (tiny): both stages and outputs. The
+  BLT stage reads through a grain worker process, as the quickstart's does: the run ends clean
+  (no shared memory left for the resource tracker to report) and its last line says where the
+  model is and how to generate from it."""
   workdir = str(tmp_path / "wd")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
-  subprocess.run([sys.executable, "-m", "bltjax.main", f"--config={DEBUG}:tiny",
-                  f"--workdir={workdir}"], check=True, env=env, cwd=str(tmp_path))
+  proc = subprocess.run([sys.executable, "-m", "bltjax.main", f"--config={DEBUG}:tiny",
+                         f"--workdir={workdir}", "--config.data.num_workers=1"],
+                        env=env, cwd=str(tmp_path), capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "leaked shared_memory" not in proc.stderr, proc.stderr[-3000:]
+  assert proc.stdout.strip().splitlines()[-1] == (
+      f"Trained BLT in {workdir}; generate from it: python -m bltjax.generate "
+      f"--checkpoint={workdir} --prompt='import '")
   for stage in (workdir, os.path.join(workdir, "entropy_model")):
     records = metrics.read_metrics(stage)
     assert {"step", "loss", "bpb", "lr", "grad_norm", "bytes_per_sec",

@@ -1,6 +1,7 @@
 """Orbax checkpoints of a training workdir: train state + grain iterator state + config + metadata.
 
-Layout: `WORKDIR/checkpoints/<step>/{state, data, config, meta}`. Saves are asynchronous; restores
+Layout: `WORKDIR/checkpoints/<step>/{state, data, config, meta}` (`meta`: the metadata, e.g. which
+entropy model cut the patches and the patching threshold). Saves are asynchronous; restores
 take an abstract target that carries the *current* mesh's shardings, so a run saved on 8 devices
 restores on 4 (or 1). Every path may be local or gs:// (Orbax writes through epath and tensorstore).
 
@@ -34,7 +35,7 @@ class Restored(NamedTuple):
   state: Any
   data_iter: Any
   config: dict
-  meta: dict
+  metadata: dict  # the `meta` item
 
 
 class CheckpointNotFound(errors.CheckpointError, FileNotFoundError):
@@ -72,10 +73,10 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_iter, config: dict, meta: dict):
+  def save(self, step: int, state, data_iter, config: dict, metadata: dict):
     """Asynchronous: returns once device arrays are copied; files are written in the background."""
     args = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config),
-                meta=ocp.args.JsonSave(meta))
+                meta=ocp.args.JsonSave(metadata))
     if data_iter is not None:
       args["data"] = grain.checkpoint.CheckpointSave(data_iter)
     self.manager.save(step, args=ocp.args.Composite(**args), force=True)
@@ -86,11 +87,12 @@ class Checkpointer:
     return r.state, r.data_iter
 
   def metadata(self, step: int) -> tuple[dict, dict]:
+    """(config, metadata) of one step, no fallback."""
     return self._read_json(step)[1:]
 
   def restore_latest(self, abstract_state, data_iter=None) -> Restored | None:
     """The newest checkpoint that reads back: state on `abstract_state`'s shardings, the data
-    iterator restored in place, config and meta. None when there is no checkpoint.
+    iterator restored in place, config and metadata. None when there is no checkpoint.
 
     A step that cannot be read (truncated or missing files, bad metadata) is logged and the next
     older one tried; once one reads, the unreadable newer ones are moved aside to
@@ -104,7 +106,7 @@ class Checkpointer:
                                   "restore")
 
   def latest_metadata(self) -> tuple[int, dict, dict] | None:
-    """(step, config, meta) of the newest checkpoint whose JSON items (and state metadata) read
+    """(step, config, metadata) of the newest checkpoint whose JSON items (and state metadata) read
     back, with the fallback of `restore_latest`; None when there is no checkpoint. Cheap: no
     arrays are read, so `restore_latest` may still fall back further (compare its step)."""
     return repair.newest_readable(self.manager, self.directory, self._read_json,
@@ -242,7 +244,7 @@ def find_checkpoint(path: str) -> tuple[str, int]:
 
 
 def load_params(path: str) -> tuple[dict, dict, dict, int]:
-  """Params (numpy, host memory) + config + meta of the latest checkpoint under `path`.
+  """Params (numpy, host memory) + config + metadata of the latest checkpoint under `path`.
 
   Only the params are read (partial restore), not the optimizer state.
   """
@@ -250,19 +252,19 @@ def load_params(path: str) -> tuple[dict, dict, dict, int]:
   with _reading(directory, step):
     manager = _reader(directory)
     try:
-      params_meta = _params_metadata(manager, step)
-      item = {"params": jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), params_meta)}
+      saved = _params_metadata(manager, step)
+      item = {"params": jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), saved)}
       restore_args = {"params": jax.tree.map(
-          lambda m: ocp.RestoreArgs(restore_type=np.ndarray), params_meta)}
+          lambda m: ocp.RestoreArgs(restore_type=np.ndarray), saved)}
       r = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
                                        partial_restore=True),
           config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-      config, meta = _json_items(r)
+      config, metadata = _json_items(r)
     finally:
       manager.close()
   logging.info("Loaded params of step %d from %s", step, directory)
-  return r["state"]["params"], config, meta, step
+  return r["state"]["params"], config, metadata, step
 
 
 def _reader(directory: str):
@@ -282,7 +284,7 @@ def params_hash(params) -> str:
   return h.hexdigest()
 
 
-def save_params(directory: str, params, config: dict, meta: dict, step: int = 0):
+def save_params(directory: str, params, config: dict, metadata: dict, step: int = 0):
   """A params-only checkpoint in the training layout (checkpoints/<step>/{state, config, meta}),
   so that everything that reads a training workdir (BLT.from_checkpoint, init_from, the patching
   entropy model) reads it too. No optimizer or data-iterator state."""
@@ -293,7 +295,7 @@ def save_params(directory: str, params, config: dict, meta: dict, step: int = 0)
                          config=ocp.JsonCheckpointHandler(), meta=ocp.JsonCheckpointHandler()))
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave({"params": params}), config=ocp.args.JsonSave(config),
-      meta=ocp.args.JsonSave(meta)), force=True)
+      meta=ocp.args.JsonSave(metadata)), force=True)
   manager.wait_until_finished()
   manager.close()
 
@@ -337,8 +339,8 @@ def recorded_entropy_model(path: str) -> str | None:
         meta=ocp.JsonCheckpointHandler()))
     try:
       r = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-      meta, = _json_items(r, ("meta",))
+      metadata, = _json_items(r, ("meta",))
     finally:
       manager.close()
-  recorded = (meta.get("entropy_model") or {}).get("path")
+  recorded = (metadata.get("entropy_model") or {}).get("path")
   return resolve(storage.abspath(path), recorded) if recorded else None

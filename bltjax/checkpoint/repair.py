@@ -17,6 +17,7 @@ import traceback
 import jax
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 
 from bltjax.runtime import errors, storage
 
@@ -154,7 +155,6 @@ def set_aside(manager, directory: str, steps: list[int]):
         logging.error("Could not move the unreadable checkpoint %s aside to %s: %s", src, dest,
                       describe(e))
   if multiprocess():
-    from jax.experimental import multihost_utils  # noqa: PLC0415
     multihost_utils.sync_global_devices("bltjax: unreadable checkpoints moved aside")
   manager.reload()
 
@@ -167,5 +167,4 @@ def agree(code: int) -> int:
   """The worst outcome over all processes (single process: no collective)."""
   if not multiprocess():
     return code
-  from jax.experimental import multihost_utils  # noqa: PLC0415
   return int(np.max(multihost_utils.process_allgather(np.int32(code))))

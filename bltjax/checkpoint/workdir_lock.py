@@ -19,6 +19,9 @@ import threading
 import time
 import uuid
 
+import jax
+from etils import epath
+
 from bltjax.runtime import errors, storage
 
 LOCK_NAME = ".lock"
@@ -45,7 +48,6 @@ class WorkdirLock:
       raise ValueError(f"heartbeat_every ({heartbeat_every} s) must be shorter than stale_after "
                        f"({stale_after} s), or a live holder looks stale")
     if enabled is None:
-      import jax  # noqa: PLC0415 (only here: the module itself needs no JAX)
       enabled = jax.process_index() == 0
     self.path, self.force, self.what, self.enabled = storage.abspath(path), force, what, enabled
     self.stale_after, self.heartbeat_every, self.lost = stale_after, heartbeat_every, False
@@ -225,7 +227,6 @@ class _Gcs:
   settle_s = GCS_SETTLE_S
 
   def __init__(self, directory: str):
-    from etils import epath  # noqa: PLC0415
     self.path = storage.join(directory, LOCK_NAME)
     self.fs = epath.backend.fsspec_backend.fs(self.path)  # the gcsfs instance epath uses
 

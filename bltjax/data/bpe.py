@@ -1,6 +1,6 @@
 """Byte-level BPE for the token-level baseline (model_type 'token_lm'): train, load, tokenize.
 
-The baseline is BLT's latent transformer stack over BPE tokens (`EntropyModel` with
+The baseline is BLT's latent transformer stack over BPE tokens (`TransformerLM` with
 `vocab_size` = the BPE vocabulary). Its tokenizer is a Hugging Face `tokenizers` byte-level BPE
 (ByteLevel pre-tokenizer and decoder, all 256 byte symbols in the initial alphabet), trained on the
 first `tokenizer.train_bytes` bytes of the training split (never the held-out documents) and kept
@@ -30,6 +30,8 @@ import os
 import re
 
 from etils import epath
+import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from bltjax.data import documents, mixture
@@ -194,7 +196,6 @@ def ensure_tokenizer(config, workdir: str) -> str:
   if config.tokenizer.path:
     _check_vocab(load(config.tokenizer.path), config)
     return config.tokenizer.path
-  import jax  # noqa: PLC0415
   path = storage.join(storage.abspath(workdir), FILE_NAME)
   if jax.process_index() == 0:
     if epath.Path(path).exists():
@@ -202,7 +203,6 @@ def ensure_tokenizer(config, workdir: str) -> str:
     else:
       train_tokenizer(config, path)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # noqa: PLC0415
     multihost_utils.sync_global_devices("bltjax: tokenizer ready")
   _check_vocab(load(path), config)
   return path
@@ -234,7 +234,7 @@ class DocumentToBPE(documents.DocumentToTokens):
     return self.__dict__ | {"_bpe": None}
 
   def map(self, element) -> dict[str, np.ndarray]:
-    flags = super().map(element)["doc_flags"][0]  # the byte tokens are not used
+    doc_bits = super().map(element)["doc_flags"][0]  # the byte tokens are not used
     if self._bpe is None:
       self._bpe = load(self.path)
     ids = self._bpe.encode(element[0])
@@ -242,5 +242,5 @@ class DocumentToBPE(documents.DocumentToTokens):
     token_bytes = self._bpe.token_bytes[tokens]
     token_bytes[-1] = 1  # EOS: one target byte, as in the byte models
     doc_flags = np.zeros(tokens.shape, np.int8)
-    doc_flags[0] = flags
+    doc_flags[0] = doc_bits
     return {"tokens": tokens, "doc_flags": doc_flags, "token_bytes": token_bytes}

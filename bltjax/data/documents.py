@@ -115,7 +115,8 @@ class DocumentToTokens(grain.transforms.Map):
   def map(self, element) -> dict[str, np.ndarray]:
     data, problem = element
     if problem is not None and problem not in flag_table.PROBLEMS:
-      raise ValueError(f"unknown document problem {problem!r}; expected one of {flag_table.PROBLEMS}")
+      raise ValueError(f"unknown document problem {problem!r}; expected one of "
+                       f"{flag_table.PROBLEMS}")
     bit = flag_table.BIT
     doc_bits = bit[problem] if problem else 0
     if not data and problem is None:

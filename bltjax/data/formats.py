@@ -143,6 +143,8 @@ def _string_prefix(s: str, i: int) -> str:
 
 
 class _Format:
+  """A file format: `read` opens the file (a failure is one unreadable document), `_records`
+  reads it from a position, `_decode` turns a record into a Document."""
 
   def __init__(self, text_field: str, log: ProblemLog, wanted=lambda key: True,
                max_bytes: int = MAX_DOCUMENT_BYTES):
@@ -151,41 +153,51 @@ class _Format:
   def _failed(self, key, error):
     return self.log("unreadable", key, error) if self.wanted(key) else SKIP
 
-
-class Jsonl(_Format):
-  """One JSON object per line; the document is the string in `text_field`."""
-
   def read(self, path: str, pos):
-    offset, line_no = pos
-    if offset < 0:
+    """Yields (key, raw, next_pos) from `pos` on (the module docstring says what they are)."""
+    if pos[0] < 0:  # given up after a read error
       return
     try:
       f = epath.Path(path).open("rb")
-      if offset:
-        f.seek(offset)
+      reader = self._open(f, pos)
     except Exception as e:  # noqa: BLE001 -- any storage error: one counted unreadable document
       yield path, self._failed(path, e), _DONE
       return
     with f:
-      lines = _Lines(f, line_limit(self.max_bytes))
-      while True:
-        try:
-          line = lines.next()
-        except Exception as e:  # noqa: BLE001
-          key = f"{path}:{line_no + 1}"
-          yield key, self._failed(key, e), _DONE
-          return
-        if line is None:
-          return
-        offset += line.size if isinstance(line, _Cut) else len(line)
-        line_no += 1
-        key = f"{path}:{line_no}"
-        raw = BLANK if not line.strip() else line if self.wanted(key) else SKIP
-        yield key, raw, [offset, line_no]
+      yield from self._records(path, reader, pos)
 
   def decode(self, raw, key: str) -> Document:
-    if isinstance(raw, Document):
-      return raw
+    """The Document of a record `read` yielded (an unreadable one comes as its Document)."""
+    return raw if isinstance(raw, Document) else self._decode(raw, key)
+
+
+class Jsonl(_Format):
+  """One JSON object per line; the document is the string in `text_field`."""
+
+  def _open(self, f, pos):
+    if pos[0]:
+      f.seek(pos[0])
+    return f
+
+  def _records(self, path: str, f, pos):
+    offset, line_no = pos
+    lines = _Lines(f, line_limit(self.max_bytes))
+    while True:
+      try:
+        line = lines.next()
+      except Exception as e:  # noqa: BLE001
+        key = f"{path}:{line_no + 1}"
+        yield key, self._failed(key, e), _DONE
+        return
+      if line is None:
+        return
+      offset += line.size if isinstance(line, _Cut) else len(line)
+      line_no += 1
+      key = f"{path}:{line_no}"
+      raw = BLANK if not line.strip() else line if self.wanted(key) else SKIP
+      yield key, raw, [offset, line_no]
+
+  def _decode(self, raw, key: str) -> Document:
     if isinstance(raw, _Cut):
       text = _text_prefix(raw, self.text_field)
       data = to_bytes(text or "")[:self.max_bytes]
@@ -218,41 +230,34 @@ class Parquet(_Format):
       raise ValueError(f"Parquet file {path}: column {self.text_field!r} has type "
                        f"{column_type}, expected string or binary")
 
-  def read(self, path: str, pos):
-    group, row = pos
-    if group < 0:
-      return
-    try:
-      f = epath.Path(path).open("rb")
-      pf = pq.ParquetFile(f)
-    except Exception as e:  # noqa: BLE001
-      yield path, self._failed(path, e), _DONE
-      return
-    with f:
-      self._check_schema(path, pf.schema_arrow)  # A wrong column is a config error: raise.
-      meta = pf.metadata
-      file_row = sum(meta.row_group(g).num_rows for g in range(group)) + row
-      for g in range(group, meta.num_row_groups):
-        first, rows = (row if g == group else 0), meta.row_group(g).num_rows
-        keys = [f"{path}:{file_row + r - first}" for r in range(first, rows)]
-        wanted = [self.wanted(k) for k in keys]
-        values = None
-        if any(wanted):  # Otherwise the row group is not read at all.
-          try:
-            column = pf.read_row_group(g, columns=[self.text_field]).column(0)
-            target = _AS_BINARY.get(column.type)
-            values = (column.cast(target) if target else column).to_pylist()
-          except Exception as e:  # noqa: BLE001
-            yield keys[0], self._failed(keys[0], e), _DONE
-            return
-        for r, key, want in zip(range(first, rows), keys, wanted):
-          nxt = [g, r + 1] if r + 1 < rows else [g + 1, 0]
-          yield key, values[r] if want else SKIP, nxt
-        file_row += rows - first
+  def _open(self, f, pos):
+    del pos  # a row group is found from the file's metadata
+    return pq.ParquetFile(f)
 
-  def decode(self, raw, key: str) -> Document:
-    if isinstance(raw, Document):
-      return raw
+  def _records(self, path: str, pf, pos):
+    group, row = pos
+    self._check_schema(path, pf.schema_arrow)  # A wrong column is a config error: raise.
+    layout = pf.metadata  # row groups and their sizes
+    file_row = sum(layout.row_group(g).num_rows for g in range(group)) + row
+    for g in range(group, layout.num_row_groups):
+      first, rows = (row if g == group else 0), layout.row_group(g).num_rows
+      keys = [f"{path}:{file_row + r - first}" for r in range(first, rows)]
+      wanted = [self.wanted(k) for k in keys]
+      values = None
+      if any(wanted):  # Otherwise the row group is not read at all.
+        try:
+          column = pf.read_row_group(g, columns=[self.text_field]).column(0)
+          target = _AS_BINARY.get(column.type)
+          values = (column.cast(target) if target else column).to_pylist()
+        except Exception as e:  # noqa: BLE001
+          yield keys[0], self._failed(keys[0], e), _DONE
+          return
+      for r, key, want in zip(range(first, rows), keys, wanted):
+        nxt = [g, r + 1] if r + 1 < rows else [g + 1, 0]
+        yield key, values[r] if want else SKIP, nxt
+      file_row += rows - first
+
+  def _decode(self, raw, key: str) -> Document:
     if raw is None:  # As a JSON null: no text.
       return self.log("malformed", key, f"field {self.text_field!r} is null")
     data = to_bytes(raw) if isinstance(raw, str) else bytes(raw)

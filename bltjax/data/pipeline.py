@@ -55,8 +55,8 @@ def _rows(comp, data_cfg, split, tokenizer=None, **kw):
 
 
 def packed_rows(data_cfg, split: str, *, seed: int, process_index: int, process_count: int,
-                   shuffle: bool, num_epochs: int | None = None, source: str | None = None,
-                   tokenizer: str | None = None):
+                shuffle: bool, num_epochs: int | None = None, source: str | None = None,
+                tokenizer: str | None = None):
   """IterDataset of single examples (rows of data.seq_len bytes + targets) of data shard
   `process_index` of `process_count`: of source `source`, or of every source mixed by weight
   (a finite mixture ends when its first source does). `tokenizer`: the path of a BPE tokenizer
@@ -98,15 +98,15 @@ def make_dataset(config, split: str, *, local_batch_size: int, patch=None,
         raise ValueError("token_lm: tokenizer.path is not set (bltjax.train.trainer sets it to the "
                          "tokenizer of bpe.ensure_tokenizer before reading data)")
     parts = [packed_rows(d, split, seed=config.seed, process_index=s, process_count=total,
-                            shuffle=split == "train", num_epochs=num_epochs, source=source,
-                            tokenizer=tok)
+                         shuffle=split == "train", num_epochs=num_epochs, source=source,
+                         tokenizer=tok)
              .batch(local_batch_size // len(shards), drop_remainder=num_epochs is None)
              for s in shards]
     it = parts[0] if len(parts) == 1 else shards_lib.ConcatBatches(parts)
   if patch is not None:  # host patching (and/or host hash ids): bltjax.train.patcher.PatchBatch
     it = it.map(patch)
   workers = d.num_workers if num_workers is None else num_workers
-  if workers > 0:
+  if workers > 0:  # batches come back in shared memory, released as bltjax.data.workers says
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                      per_worker_buffer_size=d.worker_buffer),
                         worker_init_fn=init_worker)

@@ -1,16 +1,19 @@
-"""A background thread that keeps the next batches ready (as sharded global arrays).
+"""A background thread that keeps the next batches ready.
 
-grain's multiprocess prefetch hands batches to the training process; this thread takes them from
-there, converts them to global arrays and queues them, so the step loop only waits when the input
-pipeline really is behind. It remembers the grain iterator state *after* each batch it queued, and
-its `get_state()` returns the state after the last batch the loop *consumed*: checkpoints record
-exactly where the loop is, however far the thread has read ahead.
+grain's multiprocess prefetch hands batches to the training process in shared memory; this thread
+takes them from there, copies them out (`workers.in_process_memory`), transforms them and queues
+them, so the step loop only waits when the input pipeline really is behind. It remembers the
+grain iterator state *after* each batch it queued, and its `get_state()` returns the state after
+the last batch the loop *consumed*: checkpoints record exactly where the loop is, however far the
+thread has read ahead. `close` ends it all and leaves no shared memory behind.
 """
 
 import json
 import queue
 import threading
 from typing import Any, Callable
+
+from bltjax.data import workers
 
 _END = object()
 
@@ -41,7 +44,7 @@ class ThreadPrefetcher:
   def _work(self):
     try:
       while not self._stop.is_set():
-        batch = next(self._it)
+        batch = workers.in_process_memory(next(self._it))
         self._put((self._transform(batch), self._it.get_state()))
     except StopIteration:
       self._put((_END, None))
@@ -79,7 +82,18 @@ class ThreadPrefetcher:
     self._thread.join()
 
   def close(self):
-    """Stops the thread, then the grain iterator's own threads and worker processes."""
+    """Stops the thread, then the grain iterator's own threads and worker processes; returns
+    once the shared memory of the batches they had read ahead is released."""
     self._stop_thread()
+    self._drop_queued()
     if hasattr(self._it, "close"):
-      self._it.close()
+      self._it.close()  # grain drops its buffered batches: their blocks are queued for deletion
+    workers.release_shared_memory()
+
+  def _drop_queued(self):
+    """Batches read ahead and never consumed: their memory goes with the stage."""
+    while True:
+      try:
+        self._queue.get_nowait()
+      except queue.Empty:
+        return

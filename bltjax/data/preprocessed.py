@@ -4,42 +4,9 @@ The entropy model runs once, offline; training cuts patches from the stored entr
 whatever threshold / monotonic / threshold_add / max_patch_length / max_patches its config says
 (`patching.cut_rows`, in `bltjax.train.patcher`), with no entropy model loaded.
 
-Layout of DIR (a local path or a gs:// URL):
-
-  DIR/manifest.json                          what the rows are (below); process 0 writes it
-                                             before any shard, and again with "complete": true
-  DIR/SPLIT/shard-SSSSS-of-TTTTT.arrayrecord   the rows of data shard S of T, in order
-  DIR/SPLIT/shard-SSSSS-of-TTTTT.done          marker, written after the shard file
-                                                (JSON: rows, bytes, fingerprint)
-
-SPLIT is train, eval and, for a data.mixture of several sources, eval_by_source/NAME per
-component (the per-source evaluation). Row r of shard s is row r of the online pipeline's stream
-of data shard s: `pipeline.packed_rows(config.data, split, seed=config.seed,
-process_index=s, process_count=T, shuffle=(split == 'train'), source=NAME or None)`. Rows per
-shard: train.steps * train.batch_size / T (train), train.eval_batches * train.batch_size / T
-(each eval split).
-
-Record (one per row, fixed size, little-endian, no header; ArrayRecord group_size:1, zstd):
-
-  doc_flag_counts int32 [F] | entropies float16|float32 [N] (nats) | window uint16 [N + 1]
-  | mask bits uint8 [ceil(N / 8)] (np.packbits)
-
-tokens = window[:-1], targets = window[1:] (int32 once read); the mask is 1 for real targets.
-F = len(flags.FLAGS) document counts, in that table's order (version 2: 6 counts, malformed and
-oversized apart; version 1 stored 4, counted malformed records as unreadable and did not cut long
-documents, so its rows are not this pipeline's: it is refused, not read with zeros).
-
-Manifest keys: format, version, seq_len, shards, rows_per_shard {SPLIT: rows}, entropy_model
-{path, step, sha256}, entropy_dtype, record_bytes, data {source, paths, text_field,
-eval_fraction, seed, mixture, shuffle_window, max_document_bytes}, train {steps, batch_size,
-eval_batches} (informative), fingerprint (sha256 of the fields that determine the bytes on
-disk), complete.
-
-gs://: the manifest and markers go through etils.epath; ArrayRecord files are read straight from
-gs://, no local copy (array_record's reader has its own GCS client: credentials from the
-environment / metadata server; against an emulator it reads CLOUD_STORAGE_EMULATOR_ENDPOINT,
-set here from STORAGE_EMULATOR_HOST). Its writer takes local paths only, so preprocess writes each
-shard locally and copies it up.
+The on-disk format (DIR/manifest.json, DIR/SPLIT/shard-SSSSS-of-TTTTT.arrayrecord and .done
+markers, the fixed-size record, the manifest keys, gs:// handling) is specified in
+docs/file-formats.md.
 """
 
 import hashlib
@@ -156,8 +123,8 @@ def record_bytes(seq_len: int, entropy_dtype: str) -> int:
 
 
 def encode_rows(tokens, targets, mask, doc_flag_counts, entropies, entropy_dtype: str):
-  """Rows ([B, N] arrays, flag counts [B, len(flags.NAMES)]) -> uint8 [B, record_bytes] (one
-  record per row)."""
+  """Rows ([B, N] arrays, flag counts [B, len(flag_table.NAMES)]) -> uint8 [B, record_bytes]
+  (one record per row)."""
   r, n = tokens.shape
   if not np.array_equal(tokens[:, 1:], targets[:, :-1]):
     raise ValueError("rows are not packed windows (targets are not the tokens shifted by one)")

@@ -20,7 +20,7 @@ import numpy as np
 from etils import epath
 
 from bltjax.checkpoint import checkpointer
-from bltjax.inference import generator as generate_lib
+from bltjax.inference import generator, sampling as sampling_lib
 from bltjax.interop import hf, hf_config, meta
 from bltjax.model import patching, tokenizer
 from bltjax.model.blt import ByteLatentTransformer
@@ -104,18 +104,18 @@ class BLT:
     directory written by `BLT.save` / `python -m bltjax.export` / `python -m bltjax.convert`
     (local or gs://)."""
     storage.check_access(path)
-    params, config, meta, _ = checkpointer.load_params(path)
+    params, config, metadata, _ = checkpointer.load_params(path)
     if config.get("model_type") != "blt":
       raise ValueError(f"{path}: holds a {config.get('model_type')!r} model, not a BLT")
     model_cfg = BLTConfig.from_dict(_with_runtime(config["model"], dtype))
     fields = {k: v for k, v in config["patching"].items()
               if k in PatchingConfig.__dataclass_fields__}
     if fields.get("threshold") is None:
-      fields["threshold"] = meta.get("patching_threshold")
+      fields["threshold"] = metadata.get("patching_threshold")
     patching_cfg = PatchingConfig.from_dict(fields)
     entropy_cfg = entropy_params = None
     if patching_cfg.mode == "entropy":
-      recorded = (meta.get("entropy_model") or {}).get("path")
+      recorded = (metadata.get("entropy_model") or {}).get("path")
       ent_path = checkpointer.resolve(storage.abspath(path), recorded) if recorded else \
           config["patching"].get("entropy_model_checkpoint")
       if not ent_path:
@@ -169,17 +169,17 @@ class BLT:
       return
     if format != "orbax":
       raise ValueError(f"format must be 'orbax' or 'hf', got {format!r}")
-    meta = {"patching_threshold": self.patching_config.threshold}
+    metadata = {"patching_threshold": self.patching_config.threshold}
     if self.entropy_params is not None:
       ent_dir = storage.join(directory, "entropy_model")
       checkpointer.save_params(ent_dir, cast(self.entropy_params), dict(
           model_type="entropy_model", model=to_dict(self.entropy_config),
           data=dict(seq_len=self.max_context)), {})
-      meta["entropy_model"] = dict(path="entropy_model",
-                                   sha256=checkpointer.params_hash(self.entropy_params))
+      metadata["entropy_model"] = dict(path="entropy_model",
+                                       sha256=checkpointer.params_hash(self.entropy_params))
     config = dict(model_type="blt", model=to_dict(self.config),
                   patching=to_dict(self.patching_config), data=dict(seq_len=self.max_context))
-    checkpointer.save_params(directory, cast(self.params), config, meta)
+    checkpointer.save_params(directory, cast(self.params), config, metadata)
 
   # -- entropy model and patching ------------------------------------------------------------------
 
@@ -230,7 +230,7 @@ class BLT:
 
   @functools.cached_property
   def _generator(self):
-    return generate_lib.Generator(self.config, self.entropy_config, self.patching_config)
+    return generator.Generator(self.config, self.entropy_config, self.patching_config)
 
   @functools.cached_property
   def _jit_steps(self):
@@ -267,12 +267,11 @@ class BLT:
     prefix for every byte (the reference's way, for comparison). An empty prompt generates from
     BOS; a prompt too long for the context keeps its last bytes.
     """
-    from bltjax.inference import sampling as sampling_lib
     sampling = sampling_lib.make_sampling(temperature, top_p, stop_at_eos, top_k,
                                           repetition_penalty)
     stops = sampling_lib.encode_stops(stop, self.max_context)
-    tokens, lengths = generate_lib.prepare_prompts(prompts, max_new_bytes, self.max_context,
-                                                   log=logging.warning)
+    tokens, lengths = generator.prepare_prompts(prompts, max_new_bytes, self.max_context,
+                                                log=logging.warning)
     state = self._generator.init_state(tokens, lengths, seed, sampling_lib.stop_arrays(stops))
     one, until_done = self._jit_steps
     eparams = self.entropy_params if self.entropy_params is not None else {}
@@ -294,8 +293,8 @@ class BLT:
               on_bytes(chunk)
         if bool(jnp.all(state.done)):
           break
-    out = generate_lib.generated_ids(np.asarray(state.tokens), lengths, int(state.t),
-                                     max_new_bytes, stop_at_eos, stops)
+    out = generator.generated_ids(np.asarray(state.tokens), lengths, int(state.t),
+                                  max_new_bytes, stop_at_eos, stops)
     if on_bytes is not None and len(out[0]) > sent:  # held back for a stop that never came
       tail = tokenizer.decode_bytes(out[0][sent:])
       if tail:

@@ -23,13 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bltjax.inference.sampling import (Sampling, cut_at_stop, ends_with_stop, mark_seen,
+                                       penalize, sample)
 from bltjax.model import patching, tokenizer
 from bltjax.model.blt import ByteLatentTransformer
 from bltjax.model.config import BLTConfig, LMConfig, PatchingConfig
 from bltjax.model.lm import TransformerLM, entropies_from_logits
 from bltjax.model.transformer import empty_stack_cache
-from bltjax.inference.sampling import (Sampling, cut_at_stop, ends_with_stop, mark_seen,  # noqa: F401
-                             penalize, sample)
 
 
 @flax.struct.dataclass

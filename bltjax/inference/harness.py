@@ -4,7 +4,8 @@
     from bltjax.inference.harness import BLTLM
     simple_evaluate(model=BLTLM(checkpoint="DIR", batch_size=8), tasks=["arc_easy"])
 
-or `python -m bltjax.evaluate --checkpoint=DIR --tasks=arc_easy` (see there).
+or `python -m bltjax.evaluate --checkpoint=DIR --tasks=arc_easy` (bltjax.inference.lm_evaluation:
+the task checks, the results table and JSON).
 
 Requests are scored in bytes: a row is [BOS] + context + continuation as UTF-8 bytes, patched as
 a whole as in training (`BLT.logits`); a continuation's log-likelihood is the sum of its bytes'

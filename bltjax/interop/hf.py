@@ -74,12 +74,13 @@ def blt_key_map(cfg: BLTConfig) -> list[tuple[Path, str | list[str], bool]]:
   m.append((("local_decoder", "patch_embedding_projection", "kernel"),
             "model.local_decoder.patch_embedding_projection.weight", True))
   if cfg.cross_attn_all_layers_decoder:
-    m += _stacked(("local_decoder", "layers", "cross_attn"), "model.local_decoder.cross_attn_layers",
-                  dec.n_layers, _CROSS)
+    m += _stacked(("local_decoder", "layers", "cross_attn"),
+                  "model.local_decoder.cross_attn_layers", dec.n_layers, _CROSS)
     m += _stacked(("local_decoder", "layers", "block"), "model.local_decoder.layers", dec.n_layers,
                   _BLOCK)
   else:
-    m += [(("local_decoder", "cross_attn") + sub, f"model.local_decoder.cross_attn_layers.0.{name}", t)
+    m += [(("local_decoder", "cross_attn") + sub,
+           f"model.local_decoder.cross_attn_layers.0.{name}", t)
           for sub, (name, t) in _CROSS.items()]
     m += _stacked(("local_decoder", "stack", "layers"), "model.local_decoder.layers", dec.n_layers,
                   _BLOCK)
@@ -144,16 +145,16 @@ _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_d
 
 def _read_raw(path: str, name: str, header_len: int, header: dict) -> np.ndarray:
   """One tensor read by byte range (local or remote, any dtype in _DTYPES)."""
-  meta = header[name]
-  if meta["dtype"] not in _DTYPES:
-    raise ValueError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
-  start, end = meta["data_offsets"]
+  entry = header[name]  # dtype, shape, data_offsets
+  if entry["dtype"] not in _DTYPES:
+    raise ValueError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
+  start, end = entry["data_offsets"]
   with epath.Path(path).open("rb") as f:
     f.seek(8 + header_len + start)
     buf = f.read(end - start)
   if len(buf) != end - start:
     raise ValueError(f"{path}: truncated file (tensor {name} needs bytes {start}..{end})")
-  return np.frombuffer(buf, dtype=_DTYPES[meta["dtype"]]).reshape(meta["shape"])  # little-endian
+  return np.frombuffer(buf, dtype=_DTYPES[entry["dtype"]]).reshape(entry["shape"])  # little-endian
 
 
 def _set(tree: dict, path: Path, value):

@@ -79,7 +79,7 @@ def _transformer(sub: dict, window, where: str) -> TransformerConfig:
 
 
 def configs_from_hf(hf: dict[str, Any], runtime: RuntimeConfig):
-  """config.json dict -> (BLTConfig, EntropyModelConfig | None, PatchingConfig).
+  """config.json dict -> (BLTConfig, LMConfig | None, PatchingConfig).
 
   Keys the file leaves out take `transformers`' BltConfig defaults (`_DEFAULTS`, `_SUB_DEFAULTS`),
   so a minimal config.json means the same model here as in `BltForCausalLM.from_pretrained`."""

@@ -9,8 +9,8 @@
   (full TrainArgs: BLT args under "model", entropy args under "entropy_model") + `consolidated.pth`
   (a torch pickle {"model": state_dict}; torch is needed only here: pip install "bltjax[pth]").
 
-Configs are translated by `bltjax.interop.meta_config`; tensors go through the `bltjax.interop.hf` key maps with
-the HF names renamed to Meta's. Paths may be local or gs://.
+Configs are translated by `bltjax.interop.meta_config`; tensors go through the
+`bltjax.interop.hf` key maps with the HF names renamed to Meta's. Paths may be local or gs://.
 """
 
 import json
@@ -234,7 +234,7 @@ def _entropy_threshold(ent_root: epath.Path | None) -> float | None:
 
 
 def load_entropy(path, runtime: RuntimeConfig, shapes_fn, dtype=np.float32):
-  """(EntropyModelConfig, params) from a hub or consolidated entropy model directory."""
+  """(LMConfig, params) from a hub or consolidated entropy model directory."""
   root = epath.Path(path)
   fmt = meta_format(root)
   if fmt is None:
@@ -259,7 +259,7 @@ def load_entropy(path, runtime: RuntimeConfig, shapes_fn, dtype=np.float32):
 def load(path, entropy_dir=None, *, dtype: str = "float32", blt_shapes, entropy_shapes) -> dict:
   """Everything `BLT(...)` takes, from a Meta BLT directory (hub or consolidated).
 
-  `blt_shapes(BLTConfig)` / `entropy_shapes(EntropyModelConfig)` give {param path: shape}.
+  `blt_shapes(BLTConfig)` / `entropy_shapes(LMConfig)` give {param path: shape}.
   Returns dict(model_cfg, params, patching_cfg, entropy_cfg, entropy_params, max_context).
   """
   root = epath.Path(path)

@@ -1,4 +1,5 @@
-"""The Byte Latent Transformer: embeddings -> local encoder -> latent transformer -> local decoder."""
+"""The Byte Latent Transformer: embeddings -> local encoder -> latent transformer -> local
+decoder."""
 
 import flax.linen as nn
 import jax
@@ -56,7 +57,7 @@ class ByteLatentTransformer(nn.Module):
   optionally hash_ids [B, N, T] (per-table n-gram ids from `hashing.hash_ids_numpy`, when the data
   pipeline computes them on the host). Output: fp32 logits [B, N, 260].
 
-  The other methods are the pieces of cached generation (bltjax/generate.py).
+  The other methods are the pieces of cached generation (bltjax.inference.generator).
   """
   cfg: BLTConfig
 

@@ -1,4 +1,5 @@
-"""Model configuration: frozen dataclasses built from the `model` and `entropy_model` config sections.
+"""Model configuration: frozen dataclasses built from the `model` and `entropy_model` config
+sections.
 
 Every field is required: defaults live in `experiments/*.py` (or in the checkpoint that is loaded),
 never here. `from_dict` names unknown and missing fields instead of failing deep inside Flax.
@@ -7,6 +8,8 @@ never here. `from_dict` names unknown and missing fields instead of failing deep
 import dataclasses
 import math
 from typing import Any, Mapping
+
+import jax
 
 from bltjax.model.patching import PATCHING_MODES
 from bltjax.model.tokenizer import VOCAB_SIZE  # 260: 256 bytes + BOE/pad, BOS, EOS, BPE.
@@ -128,7 +131,8 @@ class BLTConfig:
     for key in ("encoder", "latent", "decoder"):
       getattr(self, key).validate(f"model.{key}")
     if self.encoder.dim != self.decoder.dim:
-      # The decoder consumes the encoder's byte states directly (the reference's reshapes assume it).
+      # The decoder consumes the encoder's byte states directly (the reference's reshapes
+      # assume it).
       raise ValueError(f"model.encoder.dim={self.encoder.dim} must equal "
                        f"model.decoder.dim={self.decoder.dim}")
     if self.latent.attn_window is not None:
@@ -157,7 +161,7 @@ class LMConfig:
   vocab_size: int = VOCAB_SIZE
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "EntropyModelConfig":
+  def from_dict(cls, d: Mapping[str, Any]) -> "LMConfig":
     d = dict(d)
     if "transformer" in d and not isinstance(d["transformer"], TransformerConfig):
       d["transformer"] = _build(TransformerConfig, d["transformer"], "entropy_model.transformer")
@@ -173,7 +177,6 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _validate_runtime(rt: RuntimeConfig, where: str, stacks=()):
-  import jax  # Local import keeps this module importable without initialising JAX.
   if rt.dtype not in _DTYPES:
     raise ValueError(f"{where}.dtype must be one of {_DTYPES}, got {rt.dtype!r}")
   if rt.param_dtype not in _DTYPES:

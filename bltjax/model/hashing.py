@@ -52,36 +52,32 @@ def _check_config(group_sizes, num_functions, vocab, max_vocab, why):
   group_sizes = tuple(group_sizes)
   if not group_sizes:
     raise ValueError("group_sizes must not be empty")
-  for n in group_sizes:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-      raise ValueError(f"group_sizes must be positive ints, got {group_sizes}")
-  if (
-      isinstance(num_functions, bool)
-      or not isinstance(num_functions, (int, np.integer))
-      or num_functions < 1
-  ):
-    raise ValueError(
-        f"num_functions must be a positive int, got {num_functions}"
-    )
-  if (
-      isinstance(vocab, bool)
-      or not isinstance(vocab, (int, np.integer))
-      or not 1 <= vocab < max_vocab
-  ):
-    raise ValueError(
-        f"vocab must be an int in [1, {max_vocab}) ({why}), got {vocab}"
-    )
+  if not all(_is_int(n) and n >= 1 for n in group_sizes):
+    raise ValueError(f"group_sizes must be positive ints, got {group_sizes}")
+  if not _is_int(num_functions) or num_functions < 1:
+    raise ValueError(f"num_functions must be a positive int, got {num_functions}")
+  if not _is_int(vocab) or not 1 <= vocab < max_vocab:
+    raise ValueError(f"vocab must be an int in [1, {max_vocab}) ({why}), got {vocab}")
   # Plain ints: numpy scalars would overflow in the 2**64 arithmetic below.
   return tuple(int(n) for n in group_sizes), int(num_functions), int(vocab)
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _tables(group_sizes, num_functions):
+  """(prime, n-gram size) of every table, in table order: function-major."""
+  for f in range(num_functions):
+    for n in group_sizes:
+      yield PRIMES[f % len(PRIMES)], n
 
 
 def _check_tokens(tokens_BxN, xp):
   """Raises unless `tokens_BxN` (a numpy or JAX array, `xp` its module) is 2-D integer."""
   if tokens_BxN.ndim != 2 or not xp.issubdtype(tokens_BxN.dtype, xp.integer):
-    raise ValueError(
-        "tokens_BxN must be a 2-D integer array, got shape "
-        f"{tokens_BxN.shape} dtype {tokens_BxN.dtype}"
-    )
+    raise ValueError("tokens_BxN must be a 2-D integer array, got shape "
+                     f"{tokens_BxN.shape} dtype {tokens_BxN.dtype}")
 
 
 def _prime_powers_u64(prime: int, n: int) -> list[int]:
@@ -89,13 +85,8 @@ def _prime_powers_u64(prime: int, n: int) -> list[int]:
   return [pow(prime, j, 1 << 64) for j in range(n)]
 
 
-def hash_ids_numpy(
-    tokens_BxN,
-    *,
-    group_sizes: Sequence[int] = DEFAULT_GROUP_SIZES,
-    num_functions: int = 1,
-    vocab: int = 500002,
-) -> np.ndarray:
+def hash_ids_numpy(tokens_BxN, *, group_sizes: Sequence[int] = DEFAULT_GROUP_SIZES,
+                   num_functions: int = 1, vocab: int = 500002) -> np.ndarray:
   """Hash n-gram ids with int64 numpy arithmetic.
 
   Args:
@@ -108,9 +99,8 @@ def hash_ids_numpy(
     ids_BxNxT: int32 [B, N, T], T = num_functions * len(group_sizes), per-table
     ids in [0, vocab) (no per-table offset), tables function-major.
   """
-  group_sizes, num_functions, vocab = _check_config(
-      group_sizes, num_functions, vocab, 1 << 31, "ids are int32"
-  )
+  group_sizes, num_functions, vocab = _check_config(group_sizes, num_functions, vocab, 1 << 31,
+                                                    "ids are int32")
   tokens_BxN = np.asarray(tokens_BxN)
   _check_tokens(tokens_BxN, np)
   # uint64 inputs reinterpret as int64 bit patterns, which is what wraps.
@@ -120,19 +110,15 @@ def hash_ids_numpy(
   # Array (not scalar) int64 ops wrap silently; errstate keeps it that way
   # should numpy ever start warning.
   with np.errstate(over="ignore"):
-    for f in range(num_functions):
-      prime = PRIMES[f % len(PRIMES)]
-      for n in group_sizes:
-        # Bit patterns of prime**j mod 2**64, reinterpreted as int64.
-        powers = np.array(_prime_powers_u64(prime, n), np.uint64).view(np.int64)
-        padded = np.concatenate(
-            [np.zeros((b, n - 1), np.int64), tokens_BxN], axis=1
-        )
-        h_BxN = np.zeros((b, n_len), np.int64)
-        for j in range(n):
-          h_BxN = h_BxN + padded[:, j : j + n_len] * powers[j : j + 1]
-        # numpy integer % is floor mod, like Python and torch.remainder.
-        out.append(np.mod(h_BxN, np.int64(vocab)))
+    for prime, n in _tables(group_sizes, num_functions):
+      # Bit patterns of prime**j mod 2**64, reinterpreted as int64.
+      powers = np.array(_prime_powers_u64(prime, n), np.uint64).view(np.int64)
+      padded = np.concatenate([np.zeros((b, n - 1), np.int64), tokens_BxN], axis=1)
+      h_BxN = np.zeros((b, n_len), np.int64)
+      for j in range(n):
+        h_BxN = h_BxN + padded[:, j:j + n_len] * powers[j:j + 1]
+      # numpy integer % is floor mod, like Python and torch.remainder.
+      out.append(np.mod(h_BxN, np.int64(vocab)))
   return np.stack(out, axis=-1).astype(np.int32)
 
 
@@ -188,13 +174,8 @@ def _signed_mod_u64(hi, lo, vocab: int):
   return jnp.where(neg, (r + correction) % m, r)
 
 
-def hash_ids(
-    tokens_BxN,
-    *,
-    group_sizes: Sequence[int] = DEFAULT_GROUP_SIZES,
-    num_functions: int = 1,
-    vocab: int = 500002,
-) -> jnp.ndarray:
+def hash_ids(tokens_BxN, *, group_sizes: Sequence[int] = DEFAULT_GROUP_SIZES,
+             num_functions: int = 1, vocab: int = 500002) -> jnp.ndarray:
   """Hash n-gram ids in 32-bit JAX, exactly equal to `hash_ids_numpy`.
 
   Jittable with `group_sizes`, `num_functions` and `vocab` static (they are
@@ -214,8 +195,7 @@ def hash_ids(
   """
   group_sizes, num_functions, vocab = _check_config(
       group_sizes, num_functions, vocab, _MAX_JAX_VOCAB,
-      "the 32-bit modulo needs vocab < 2**24; use hash_ids_numpy beyond",
-  )
+      "the 32-bit modulo needs vocab < 2**24; use hash_ids_numpy beyond")
   tokens_BxN = jnp.asarray(tokens_BxN)
   _check_tokens(tokens_BxN, jnp)
   tokens_BxN = tokens_BxN.astype(jnp.int32)
@@ -230,19 +210,17 @@ def hash_ids(
   hi_pad = jnp.pad(hi_BxN, pad)
 
   out = []
-  for f in range(num_functions):
-    prime = PRIMES[f % len(PRIMES)]
-    powers = _prime_powers_u64(prime, max_n)
-    for n in group_sizes:
-      h_hi = jnp.zeros((b, n_len), jnp.uint32)
-      h_lo = jnp.zeros((b, n_len), jnp.uint32)
-      for j in range(n):
-        # Element j of the n-gram (oldest first) at position t is padded[t + j]
-        # after padding by n - 1; with max_n - 1 padding it is shifted.
-        start = max_n - n + j
-        x_lo = lo_pad[:, start : start + n_len]
-        x_hi = hi_pad[:, start : start + n_len]
-        p_hi, p_lo = _mul_const_u64(x_hi, x_lo, powers[j])
-        h_hi, h_lo = _add_u64(h_hi, h_lo, p_hi, p_lo)
-      out.append(_signed_mod_u64(h_hi, h_lo, vocab).astype(jnp.int32))
+  for prime, n in _tables(group_sizes, num_functions):
+    powers = _prime_powers_u64(prime, n)
+    h_hi = jnp.zeros((b, n_len), jnp.uint32)
+    h_lo = jnp.zeros((b, n_len), jnp.uint32)
+    for j in range(n):
+      # Element j of the n-gram (oldest first) at position t is padded[t + j] after padding by
+      # n - 1; with max_n - 1 padding it is shifted.
+      start = max_n - n + j
+      x_lo = lo_pad[:, start:start + n_len]
+      x_hi = hi_pad[:, start:start + n_len]
+      p_hi, p_lo = _mul_const_u64(x_hi, x_lo, powers[j])
+      h_hi, h_lo = _add_u64(h_hi, h_lo, p_hi, p_lo)
+    out.append(_signed_mod_u64(h_hi, h_lo, vocab).astype(jnp.int32))
   return jnp.stack(out, axis=-1)

@@ -29,13 +29,18 @@ def constrain(x, axes):
   return nn.with_logical_constraint(x, axes)
 
 
-class Dense(nn.Module):
+class Layer(nn.Module, kw_only=True):
+  """A layer that keeps its parameters in `param_dtype` and computes in `dtype` (keyword-only:
+  they follow each layer's own fields, as `transformer.dtypes(runtime)` passes them)."""
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+
+class Dense(Layer):
   """Bias-free linear layer `y = x @ W`, W [I, O] (the transpose of a PyTorch Linear weight)."""
   features: int
   std: float
   axes: tuple[str | None, str | None]
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
   out_dtype: jnp.dtype | None = None  # e.g. fp32 logits from bf16 inputs.
 
   @nn.compact
@@ -95,11 +100,9 @@ class Embed(nn.Module):
     return jnp.take(self.embedding, ids, axis=0)
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(Layer):
   """x * rsqrt(mean(x^2) + eps) * w, statistics in fp32, weight initialised to 1."""
   eps: float
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
@@ -138,11 +141,9 @@ def row_positions(batch: int, length: int):
   return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
 
 
-class SwiGLU(nn.Module):
+class SwiGLU(Layer):
   """W2(silu(W1 x) * W3 x), hidden width F; W1/W3 init std D^-0.5, W2 std F^-0.5 (reference)."""
   hidden: int
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x_BxNxD):

@@ -34,6 +34,19 @@ def _check_2d(x, name):
     raise ValueError(f"{name} must be 2-D [B, N], got shape {x.shape}")
 
 
+def _rows(x_BxN, name):
+  """(xp, `x_BxN` as an xp array) for a 2-D input, xp = jnp for jax arrays, else np."""
+  xp = _xp(x_BxN)
+  x_BxN = xp.asarray(x_BxN)
+  _check_2d(x_BxN, name)
+  return xp, x_BxN
+
+
+def _after_zero(xp, x_BxN):
+  """A zero (False) column, then `x_BxN` ([B, 1 + N]): column t holds x[t-1]."""
+  return xp.concatenate([xp.zeros((x_BxN.shape[0], 1), x_BxN.dtype), x_BxN], axis=1)
+
+
 def _positive_int(value, name):
   if isinstance(value, bool):
     raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -67,15 +80,12 @@ def entropy_start_mask(entropies_BxN, threshold, *, monotonic=False, threshold_a
   Returns:
     bool [B, N + include_next_token].
   """
-  xp = _xp(entropies_BxN)
-  h_BxN = xp.asarray(entropies_BxN)
-  _check_2d(h_BxN, "entropies")
-  b, n = h_BxN.shape
+  xp, h_BxN = _rows(entropies_BxN, "entropies")
+  n = h_BxN.shape[1]
   # Shifted views over positions t = 0..N: h1[t] = H[t-1], h2[t] = H[t-2] (zero where undefined;
   # those positions are forced anyway).
-  zero_Bx1 = xp.zeros((b, 1), h_BxN.dtype)
-  h1_BxM = xp.concatenate([zero_Bx1, h_BxN], axis=1)
-  h2_BxM = xp.concatenate([zero_Bx1, h1_BxM[:, :-1]], axis=1)
+  h1_BxM = _after_zero(xp, h_BxN)
+  h2_BxM = _after_zero(xp, h1_BxM[:, :-1])
   t_M = xp.arange(n + 1)
   if monotonic:
     # Reference sets mask[0] = True on E = H[1:], forcing a start at t = 2.
@@ -110,12 +120,10 @@ def space_start_mask(tokens_BxN, *, include_next_token=True):
   Returns:
     bool [B, N + include_next_token].
   """
-  xp = _xp(tokens_BxN)
-  tokens_BxN = xp.asarray(tokens_BxN)
-  _check_2d(tokens_BxN, "tokens")
+  xp, tokens_BxN = _rows(tokens_BxN, "tokens")
   b, n = tokens_BxN.shape
   sl_BxN = _space_like(tokens_BxN)
-  prev_BxN = xp.concatenate([xp.zeros((b, 1), bool), sl_BxN[:, :-1]], axis=1)
+  prev_BxN = _after_zero(xp, sl_BxN[:, :-1])
   end_BxN = (sl_BxN & ~prev_BxN) | (tokens_BxN < OFFSET)
   true_Bx2 = xp.ones((b, 2), bool)
   mask_BxM = xp.concatenate([true_Bx2, end_BxN[:, 1:]], axis=1)
@@ -186,12 +194,10 @@ def start_mask(mode, *, tokens=None, entropies=None, threshold=None, threshold_a
     mask = entropy_start_mask(entropies, threshold, monotonic=monotonic,
                               threshold_add=threshold_add, include_next_token=include_next_token)
   else:
-    xp = _xp(need(tokens, "tokens"))
-    tokens = xp.asarray(tokens)
+    xp, tokens = _rows(need(tokens, "tokens"), "tokens")
     if mode == "space":
       mask = space_start_mask(tokens, include_next_token=include_next_token)
     else:
-      _check_2d(tokens, "tokens")
       b, n = tokens.shape
       if mode == "static":
         mask = static_start_mask(b, n, need(patch_size, "patch_size"),
@@ -253,10 +259,8 @@ def document_starts(tokens_BxN):
   """bool [B, N+1]: the positions after a BOS or an EOS (a document's BOS always follows the
   previous document's EOS). Position p depends only on byte p-1, so generation can apply the
   same rule before byte p exists."""
-  xp = _xp(tokens_BxN)
-  b, _ = tokens_BxN.shape
-  ends = (tokens_BxN == BOS_ID) | (tokens_BxN == EOS_ID)
-  return xp.concatenate([xp.zeros((b, 1), bool), ends], axis=1)
+  ends_BxN = (tokens_BxN == BOS_ID) | (tokens_BxN == EOS_ID)
+  return _after_zero(_xp(tokens_BxN), ends_BxN)
 
 
 def row_start_mask(tokens_BxN, entropies_BxN, pc):
@@ -334,9 +338,7 @@ def patch_ids_from_lengths(lengths_BxP, seq_len):
   of t in `cumsum(lengths)`; zero-length patches are skipped. O(B * seq_len * log P), no
   [B, N, P] intermediate.
   """
-  xp = _xp(lengths_BxP)
-  lengths_BxP = xp.asarray(lengths_BxP)
-  _check_2d(lengths_BxP, "lengths")
+  xp, lengths_BxP = _rows(lengths_BxP, "lengths")
   t_N = xp.arange(seq_len)
   if xp is jnp:
     cum_BxP = jnp.cumsum(lengths_BxP, axis=1, dtype=jnp.int32)

@@ -1,7 +1,9 @@
-"""Transformer blocks shared by the local encoder, latent transformer, local decoder and entropy model.
+"""Transformer blocks shared by the local encoder, latent transformer, local decoder and entropy
+model.
 
 `Block` is the reference's pre-norm Llama block (no biases):
-  h = x + Wo·Attn(RoPE(Wq·n(x)), RoPE(Wk·n(x)), Wv·n(x));  y = h + W2(silu(W1·n'(h)) * W3·n'(h)).
+  h = x + Wo·Attn(RoPE(Wq·n(x)), RoPE(Wk·n(x)), Wv·n(x))
+  y = h + W2(silu(W1·n'(h)) * W3·n'(h)).
 Layer stacks are `nn.scan`ned (parameters stacked on a leading 'layers' axis) with a configurable
 remat policy, which keeps compile time and compiled memory independent of depth.
 """
@@ -47,7 +49,8 @@ class SelfAttention(nn.Module):
 
   def out(self, o_BxNxHxE):
     b, n, h, e = o_BxNxHxE.shape
-    return self.wo(constrain(o_BxNxHxE, ("batch", "length", "act_heads", None)).reshape(b, n, h * e))
+    o_BxNxHxE = constrain(o_BxNxHxE, ("batch", "length", "act_heads", None))
+    return self.wo(o_BxNxHxE.reshape(b, n, h * e))
 
   def __call__(self, x_BxNxD, positions_BxN, segment_ids_BxN, cache=None, slot_B=None,
                write_B=None):
@@ -138,7 +141,7 @@ def ring_slot(pos_B, cache):
 
 class CrossAttention(nn.Module):
   """The reference's cross-attention: RMSNorm on queries, one RMSNorm shared by keys and values,
-  no RoPE, and it returns `x + Wo·attn` (callers add x again: the double residual, see below)."""
+  no RoPE, and the double residual of `attend`. Subclasses choose the attention kernel."""
   dim: int
   n_heads: int
   norm_eps: float
@@ -156,30 +159,27 @@ class CrossAttention(nn.Module):
   def heads(self, x):
     return x.reshape(*x.shape[:-1], self.n_heads, self.dim // self.n_heads)
 
-  def merge(self, o):
-    return self.wo(o.reshape(*o.shape[:-2], self.dim))
+  def attend(self, x, context, patch_ids_BxN, kernel):
+    """`x` attends to `context` through `kernel(q, k, v, patch_ids_BxN)` (an `attention` function
+    over split heads); returns 2*x + Wo·attn. Reference quirk kept for released weights: its
+    cross-attention returns x + out and the caller adds x again."""
+    q = self.heads(self.wq(self.cross_attn_norm_q(x)))
+    kv = self.cross_attn_norm_kv(context)
+    o = kernel(q, self.heads(self.wk(kv)), self.heads(self.wv(kv)), patch_ids_BxN)
+    return x + (x + self.wo(o.reshape(*o.shape[:-2], self.dim)))
 
 
 class PatchCrossAttention(CrossAttention):
   """Encoder side: patch sub-queries [B, P, k, D] pool the bytes [B, N, D] of their own patch."""
 
   def __call__(self, pe_BxPxkxD, h_BxNxD, patch_ids_BxN):
-    q = self.heads(self.wq(self.cross_attn_norm_q(pe_BxPxkxD)))
-    kv = self.cross_attn_norm_kv(h_BxNxD)
-    o = attention.patch_pooling_attention(q, self.heads(self.wk(kv)), self.heads(self.wv(kv)),
-                                          patch_ids_BxN)
-    # Reference quirk kept for released weights: CA returns x + out and the caller adds x again,
-    # so one layer maps pe -> 2*pe + out.
-    pe = pe_BxPxkxD + (pe_BxPxkxD + self.merge(o))
-    return pe, None
+    """(new pe, None): the carry and output of the scan over cross-attention layers."""
+    return self.attend(pe_BxPxkxD, h_BxNxD, patch_ids_BxN,
+                       attention.patch_pooling_attention), None
 
 
 class ByteCrossAttention(CrossAttention):
   """Decoder side: bytes [B, N, D] read the k sub-vectors [B, P, k, D] of patch `patch_ids[t]`."""
 
   def __call__(self, h_BxNxD, pe_BxPxkxD, patch_ids_BxN):
-    q = self.heads(self.wq(self.cross_attn_norm_q(h_BxNxD)))
-    kv = self.cross_attn_norm_kv(pe_BxPxkxD)
-    o = attention.byte_to_patch_attention(q, self.heads(self.wk(kv)), self.heads(self.wv(kv)),
-                                          patch_ids_BxN)
-    return h_BxNxD + (h_BxNxD + self.merge(o))  # double residual, as in the reference.
+    return self.attend(h_BxNxD, pe_BxPxkxD, patch_ids_BxN, attention.byte_to_patch_attention)

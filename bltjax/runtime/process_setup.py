@@ -28,11 +28,11 @@ MALLOC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
 
 def set_defaults():
   """Call before importing JAX (the entry points do it first thing)."""
-  flags = os.environ.get("XLA_FLAGS", "")
+  xla_flags = os.environ.get("XLA_FLAGS", "")
   for flag in CPU_FLAGS:
-    if flag.split("=")[0] not in flags:
-      flags = f"{flags} {flag}".strip()
-  os.environ["XLA_FLAGS"] = flags
+    if flag.split("=")[0] not in xla_flags:
+      xla_flags = f"{xla_flags} {flag}".strip()
+  os.environ["XLA_FLAGS"] = xla_flags
 
 
 def reexec_with_malloc_tuning():

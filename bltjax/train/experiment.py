@@ -1,4 +1,7 @@
-"""Loading and validating experiment configs (`experiments/*.py` files with `get_config(arg)`).
+"""Loading and checking experiment configs (`experiments/*.py` files with `get_config(arg)`).
+
+The checks a run makes before it starts all live here: `validate` (the config, both stages) and
+`check_paths` (what must exist on disk, both stages).
 
 A config is an `ml_collections.ConfigDict` with the sections below; every field is set and
 commented in the experiment files, never defaulted here.
@@ -17,14 +20,16 @@ from collections.abc import Mapping
 
 import ml_collections
 
-from bltjax.data import mixture as mixture_lib, sources
+from bltjax.data import bpe, mixture as mixture_lib, paths as paths_lib, sources
+from bltjax.data import shards as shards_lib
 from bltjax.data.sources import SOURCES
 from bltjax.model.config import BLTConfig, LMConfig, PatchingConfig
+from bltjax.runtime import storage
 
 MODEL_TYPES = ("blt", "entropy_model", "token_lm")
 TOKENIZER_FIELDS = ("path", "train_bytes")  # the tokenizer section of a token_lm config
 # Where patches are cut: in the input pipeline on the host CPUs, or on the accelerators one batch
-# ahead of the step (bltjax/train/patcher.py).
+# ahead of the step (bltjax.train.patcher).
 PATCHING_PLACEMENTS = ("host", "accelerator")
 NONFINITE_POLICIES = ("stop", "skip")  # train.nonfinite: what a non-finite update does to the run
 # Fields of the stage-1 data section taken from the BLT's data section: both stages read the same
@@ -52,7 +57,7 @@ def load(spec: str) -> ml_collections.ConfigDict:
 
 def model_config(config) -> BLTConfig | LMConfig:
   """BLT: a BLTConfig; the entropy model and token_lm (the same LM over BPE tokens, with
-  model.vocab_size = the BPE vocabulary): an EntropyModelConfig."""
+  model.vocab_size = the BPE vocabulary): an LMConfig."""
   cls = BLTConfig if config.model_type == "blt" else LMConfig
   return cls.from_dict(config.model.to_dict())
 
@@ -77,9 +82,10 @@ def entropy_stage_config(config) -> ml_collections.ConfigDict:
 
 def needs_entropy_stage(config) -> bool:
   """Entropy patching with no entropy model given and no stored entropies: stage 1 trains one."""
+  if config.model_type != "blt":  # only BLT configs have a patching section
+    return False
   p = config.patching
-  return (config.model_type == "blt" and p.mode == "entropy" and not p.entropy_model_checkpoint
-          and not config.data.preprocessed_dir)
+  return p.mode == "entropy" and not p.entropy_model_checkpoint and not config.data.preprocessed_dir
 
 
 def eval_sets(config) -> list[EvalSet]:
@@ -121,9 +127,26 @@ def _require(cond, message):
 def validate(config, num_devices: int | None):
   """Fails fast with a message naming the offending field. Returns (model cfg, patching cfg).
 
+  Where the run trains its entropy model first (`needs_entropy_stage`), the stage-1 config is
+  checked too; its messages name its fields as the BLT config does (entropy_model.<field>).
   `num_devices=None` skips the checks that depend on the machine (mesh, per-device batch), e.g.
   when preprocessing data on a host other than the training pod.
   """
+  model, patching = _validate_stage(config, num_devices)
+  if needs_entropy_stage(config):
+    stage = entropy_stage_config(config)
+    _require(stage.model_type == "entropy_model",
+             "entropy_model.model_type must be 'entropy_model'")
+    try:
+      _validate_stage(stage, num_devices)
+    except ValueError as e:
+      raise ValueError(str(e).replace("invalid config: ", "invalid config: entropy_model.")) \
+          from None
+  return model, patching
+
+
+def _validate_stage(config, num_devices: int | None):
+  """`validate` for the one model `config` trains."""
   _require(config.model_type in MODEL_TYPES,
            f"model_type={config.model_type!r} must be one of {MODEL_TYPES}")
   model = model_config(config)
@@ -212,20 +235,10 @@ def validate(config, num_devices: int | None):
     _require(2 <= p.max_patches <= d.seq_len + 1,
              f"patching.max_patches={p.max_patches} must be in [2, data.seq_len + 1 = "
              f"{d.seq_len + 1}]")
-    if needs_entropy_stage(config):
-      stage = entropy_stage_config(config)
-      _require(stage.model_type == "entropy_model",
-               "entropy_model.model_type must be 'entropy_model'")
-      try:
-        validate(stage, num_devices)
-      except ValueError as e:
-        raise ValueError(str(e).replace("invalid config: ", "invalid config: entropy_model.")) \
-            from None
   return model, patching
 
 
 def _validate_tokenizer(config, model):
-  from bltjax.data import bpe  # noqa: PLC0415 (bpe imports the data modules)
   tok = config.get("tokenizer")
   _require(isinstance(tok, _DICTS), "model_type='token_lm' needs a tokenizer section "
            f"with fields {TOKENIZER_FIELDS}")
@@ -244,6 +257,52 @@ def _validate_tokenizer(config, model):
   _require(not config.data.preprocessed_dir,
            "data.preprocessed_dir holds BLT rows of bytes; token_lm reads its documents online "
            "(set data.preprocessed_dir=None)")
+
+
+def check_paths(config, workdir: str, process_index: int, process_count: int):
+  """What the run reads or writes, local or gs://, checked before anything starts (`config`
+  validated): a missing path or bucket, or no credentials, fails now with one line naming it
+  rather than deep inside a library later. This process's data shards, the workdir (writable),
+  the data, init_from, stored entropies, the entropy model, and the eval sets of both stages:
+  their files, and enough of them for this process's data shards."""
+  d = config.data
+  shards = shards_lib.data_shards(d, process_index, process_count)
+  storage.check_access(workdir, write=True)
+  reads = list(d.paths or ()) + [p for m in (d.mixture or ()) for p in m["paths"]]
+  reads += [config.init_from, d.preprocessed_dir]
+  if config.model_type == "blt":
+    reads.append(config.patching.entropy_model_checkpoint)
+  for path in reads:
+    if path:
+      storage.check_access(path)
+  stages = [("train.eval_sets", config)]
+  if needs_entropy_stage(config):  # stage 1 reads the same data shards, and its own eval sets
+    stages.append(("entropy_model.train.eval_sets", entropy_stage_config(config)))
+  for where, stage in stages:
+    for es in eval_sets(stage):
+      _check_eval_set_files(es, f"{where}.{es.name}.paths", shards, d.shards, process_count)
+
+
+def _check_eval_set_files(es: EvalSet, field: str, shards: list[int], num_shards: int,
+                          process_count: int):
+  """An eval set's files exist, and each of this process's data shards gets one (`field` names
+  them in the errors)."""
+  if es.source == "stdlib":
+    return
+  for path in es.paths:
+    try:
+      storage.check_access(path)
+    except (OSError, ValueError) as e:
+      raise type(e)(f"{field}: {e}") from None
+  try:
+    files = paths_lib.expand(es.paths)
+  except ValueError as e:
+    raise ValueError(f"{field}: {e}") from None
+  total = num_shards or process_count
+  # Streamed and ArrayRecord sets are sharded by file (as the training source is).
+  if es.source != "text" and any(not files[s::total] for s in shards):
+    raise ValueError(f"{field}: {len(files)} file(s), fewer than the {total} data shards "
+                     f"(data.shards={num_shards}; 0 = one per process)")
 
 
 def tiny(config) -> ml_collections.ConfigDict:

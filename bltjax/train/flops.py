@@ -22,6 +22,9 @@ size; the latent also runs on padding patches up to `max_patches`, which MFU doe
 
 import time
 
+import jax
+import jax.numpy as jnp
+
 from bltjax.model.config import BLTConfig, LMConfig, TransformerConfig
 
 # Dense bf16 peak FLOP/s per device (chip for TPUs, GPU for GPUs), from vendor specs.
@@ -126,8 +129,6 @@ _CPU_PEAK: dict[str, float] = {}
 def measured_cpu_peak(dtype: str = "bfloat16", n: int = 2048) -> float:
   """Best of a few n x n matmuls in `dtype` with fp32 accumulation (how the model computes)."""
   if dtype not in _CPU_PEAK:
-    import jax
-    import jax.numpy as jnp
     a = jnp.ones((n, n), jnp.dtype(dtype))
     f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
     f(a).block_until_ready()

@@ -1,6 +1,6 @@
 """Held-out evaluation during training: bits per byte over fixed batches of the eval split and
 of each named eval set (`train.eval_sets`), reported at every `train.eval_every` steps
-(`Evaluator.report`, with the entropy figure of bltjax.plot).
+(`Evaluator.report`, with the entropy figure of bltjax.train.entropy_figure).
 
     train.eval_sets = dict(
         wiki=dict(source="jsonl", paths=("/data/wiki/*.jsonl",), text_field="text"),
@@ -20,36 +20,8 @@ import math
 import jax
 import numpy as np
 
-from bltjax.data import paths as paths_lib, pipeline
-from bltjax.data import shards as shards_lib
-from bltjax.runtime import storage
-from bltjax.train import experiment
-
-
-def check_eval_sets(config, where: str = "train.eval_sets"):
-  """Fails at start, with one line naming the set and the path, where an eval set's files are
-  missing or too few for this process's data shards (and likewise for the stage-1 config)."""
-  shards = shards_lib.data_shards(config.data, jax.process_index(), jax.process_count())
-  total = config.data.shards or jax.process_count()
-  for es in experiment.eval_sets(config):
-    if es.source == "stdlib":
-      continue
-    field = f"{where}.{es.name}.paths"
-    for path in es.paths:
-      try:
-        storage.check_access(path)
-      except (OSError, ValueError) as e:
-        raise type(e)(f"{field}: {e}") from None
-    try:
-      files = paths_lib.expand(es.paths)
-    except ValueError as e:
-      raise ValueError(f"{field}: {e}") from None
-    # Streamed and ArrayRecord sets are sharded by file (as the training source is).
-    if es.source != "text" and any(not files[s::total] for s in shards):
-      raise ValueError(f"{field}: {len(files)} file(s), fewer than the {total} data shards "
-                       f"(data.shards={config.data.shards}; 0 = one per process)")
-  if config.model_type == "blt" and experiment.needs_entropy_stage(config):
-    check_eval_sets(experiment.entropy_stage_config(config), "entropy_model.train.eval_sets")
+from bltjax.data import pipeline
+from bltjax.train import entropy_figure, experiment
 
 
 def eval_set_config(config, es: experiment.EvalSet):
@@ -74,8 +46,7 @@ def stage_evaluator(config, eval_fn, patching, patch, local_batch: int, feed) ->
   train.entropy_figure, its reports also draw the entropy figure."""
   figure = None
   if patching is not None and patching.entropy is not None and config.train.entropy_figure:
-    from bltjax import plot  # matplotlib: only where the figure is drawn
-    figure = plot.TrainingFigure.create(patching)
+    figure = entropy_figure.TrainingFigure.create(patching)
   return Evaluator(config, eval_fn, patch, local_batch, feed, figure=figure)
 
 
@@ -88,7 +59,7 @@ class Evaluator:
     self.config, self.eval_fn, self.feed = config, eval_fn, feed
     self._split = self._sets = None  # name -> local batches, once loaded
     self._patch, self._local_batch = patch, local_batch
-    self.figure = figure  # a bltjax.plot.TrainingFigure, or None
+    self.figure = figure  # an entropy_figure.TrainingFigure, or None
 
   def _dataset(self, config, split, source=None):
     return pipeline.make_dataset(config, split, local_batch_size=self._local_batch,

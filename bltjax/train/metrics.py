@@ -20,6 +20,7 @@ import time
 import uuid
 
 import jax
+import numpy as np
 import tqdm
 from etils import epath
 from tensorboardX import SummaryWriter
@@ -74,10 +75,9 @@ class MetricWriter:
       self._dirty = True
 
   def write_image(self, step: int, tag: str, png: bytes):
-    """A PNG (e.g. `bltjax.plot.figure_png`) as TensorBoard image `tag` at `step`."""
+    """A PNG (e.g. `bltjax.viz.canvas.figure_png`) as TensorBoard image `tag` at `step`."""
     if not self.enabled:
       return
-    import numpy as np
     from PIL import Image  # comes with matplotlib; tensorboardX encodes images with it too
     image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))  # HWC uint8
     if not self.remote:

@@ -39,11 +39,11 @@ CALIBRATION_ROWS = 16  # held-out rows whose entropies set a calibrated threshol
 class EntropySpec:
   """Where the frozen entropy model comes from (picklable, loaded lazily in each worker)."""
   checkpoint: str
-  model: dict  # EntropyModelConfig fields, from the entropy model's checkpoint
+  model: dict  # LMConfig fields, from the entropy model's checkpoint
 
 
 def load_entropy_model(spec: EntropySpec):
-  """(EntropyModel, params as host numpy arrays) of the checkpoint `spec` names."""
+  """(TransformerLM, params as host numpy arrays) of the checkpoint `spec` names."""
   from bltjax.checkpoint import checkpointer  # Orbax import only where a model is loaded.
   params, _, _, _ = checkpointer.load_params(spec.checkpoint)
   return TransformerLM(LMConfig.from_dict(spec.model)), params
@@ -65,7 +65,7 @@ class Patcher:
   entropy: EntropySpec | None   # the model to run; None without entropy mode or with stored
                                 # entropies (rows come with them: no model is loaded)
   hash_cfg: dict | None         # hash n-gram ids computed on the host (data.host_hash_ids)
-  meta: dict                    # recorded in checkpoints: entropy model identity, threshold
+  metadata: dict                # recorded in checkpoints: entropy model identity, threshold
 
   def host_transform(self):
     """The grain transform the pipeline maps over local batches (None: nothing to do there)."""
@@ -75,9 +75,10 @@ class Patcher:
     return PatchBatch(self, cut=cut)
 
 
-def setup(config, entropy_checkpoint: str | None, resumed_meta: dict | None,
+def setup(config, entropy_checkpoint: str | None, resumed_metadata: dict | None,
           stored: dict | None = None) -> Patcher | None:
-  """Resolves the run's patching (None for the entropy model stage).
+  """Resolves the run's patching (None for the entropy model stage); `resumed_metadata` is that
+  of the checkpoint the run resumes from, if any.
 
   `stored`: the manifest of preprocessed entropies the rows come with (`data/preprocessed.py`);
   it names the entropy model that computed them, and no model is loaded.
@@ -86,10 +87,10 @@ def setup(config, entropy_checkpoint: str | None, resumed_meta: dict | None,
     return None
   from bltjax.checkpoint import checkpointer
   p = config.patching
-  threshold, meta, entropy = p.threshold, {}, None
+  threshold, metadata, entropy = p.threshold, {}, None
   if p.mode == "entropy":
     if stored is not None:
-      meta["entropy_model"] = stored["entropy_model"]
+      metadata["entropy_model"] = stored["entropy_model"]
       if p.entropy_model_checkpoint:  # the rows must come from the model this run names
         params, _, _, ent_step = checkpointer.load_params(str(p.entropy_model_checkpoint))
         preprocessed.check_entropy_model(stored, str(p.entropy_model_checkpoint),
@@ -97,14 +98,14 @@ def setup(config, entropy_checkpoint: str | None, resumed_meta: dict | None,
     else:
       params, ent_config, _, ent_step = checkpointer.load_params(entropy_checkpoint)
       entropy = EntropySpec(storage.abspath(entropy_checkpoint), ent_config["model"])
-      meta["entropy_model"] = dict(path=entropy.checkpoint, step=ent_step,
-                                   sha256=checkpointer.params_hash(params))
-    if resumed_meta and resumed_meta.get("entropy_model") != meta["entropy_model"]:
+      metadata["entropy_model"] = dict(path=entropy.checkpoint, step=ent_step,
+                                       sha256=checkpointer.params_hash(params))
+    if resumed_metadata and resumed_metadata.get("entropy_model") != metadata["entropy_model"]:
       raise ValueError(f"the checkpoint's patches were cut by entropy model "
-                       f"{resumed_meta.get('entropy_model')}, but this run would use "
-                       f"{meta['entropy_model']}")
+                       f"{resumed_metadata.get('entropy_model')}, but this run would use "
+                       f"{metadata['entropy_model']}")
     if threshold is None:
-      threshold = (resumed_meta or {}).get("patching_threshold")
+      threshold = (resumed_metadata or {}).get("patching_threshold")
     if threshold is None:
       if stored is not None:
         ent = preprocessed.sample_entropies(config, CALIBRATION_ROWS)
@@ -113,21 +114,21 @@ def setup(config, entropy_checkpoint: str | None, resumed_meta: dict | None,
       threshold = patching.calibrate_threshold(ent[:, 1:], p.target_patch_size)
       logging.info("patching: calibrated global threshold %.4f nats for ~%.2f bytes per patch",
                    threshold, p.target_patch_size)
-    meta["patching_threshold"] = threshold
+    metadata["patching_threshold"] = threshold
   hash_cfg = None
   if config.data.host_hash_ids:
     m = experiment.model_config(config)
     hash_cfg = dict(group_sizes=m.hash_group_sizes, num_functions=m.hash_functions,
                     vocab=m.hash_vocab)
   return Patcher(experiment.patching_config(config, threshold), p.max_patches, p.device, entropy,
-                  hash_cfg, meta)
+                 hash_cfg, metadata)
 
 
 def _held_out_entropies(config, spec: EntropySpec, params) -> np.ndarray:
   """Entropies of the first held-out rows (train rows without held-out data)."""
   split = "eval" if config.data.eval_fraction > 0 else "train"
   it = iter(pipeline.packed_rows(config.data, split, seed=config.seed, process_index=0,
-                                    process_count=1, shuffle=False))
+                                 process_count=1, shuffle=False))
   tokens = np.stack([next(it)["tokens"] for _ in range(CALIBRATION_ROWS)])
   model = TransformerLM(LMConfig.from_dict(spec.model))
   return np.asarray(jax.jit(entropies_fn(model))(params, tokens))
@@ -141,8 +142,8 @@ class PatchBatch(grain.transforms.Map):
   """grain transform on local batches: adds `patch_lengths` [B, P] and `patch_overflow` [B]
   (`cut`), cut from the entropy model or the batch's stored `entropies`; and `hash_ids`."""
 
-  def __init__(self, patching_: Patcher, cut: bool = True):
-    self.patching, self.cut = patching_, cut
+  def __init__(self, patcher: Patcher, cut: bool = True):
+    self.patcher, self.cut = patcher, cut
     self._fn = None
 
   def __getstate__(self):  # The jitted function and params stay out of the pickle.
@@ -152,7 +153,7 @@ class PatchBatch(grain.transforms.Map):
     if _in_worker():
       # grain workers run on the host CPU; the accelerators belong to the training process.
       jax.config.update("jax_platforms", "cpu")
-    p = self.patching
+    p = self.patcher
     if p.config.mode == "entropy" and p.entropy is not None:
       model, params = load_entropy_model(p.entropy)
       params = jax.device_put(params)
@@ -173,8 +174,8 @@ class PatchBatch(grain.transforms.Map):
       stored = None if stored is None else jnp.asarray(stored, jnp.float32)
       lengths, overflow = self._fn(jnp.asarray(batch["tokens"]), stored)
       batch.update(patch_lengths=np.asarray(lengths), patch_overflow=np.asarray(overflow))
-    if self.patching.hash_cfg is not None:
-      batch["hash_ids"] = hashing.hash_ids_numpy(batch["tokens"], **self.patching.hash_cfg)
+    if self.patcher.hash_cfg is not None:
+      batch["hash_ids"] = hashing.hash_ids_numpy(batch["tokens"], **self.patcher.hash_cfg)
     return batch
 
 
@@ -187,8 +188,8 @@ class DevicePatcher:
   loop fetches with the step's metrics, one step late.
   """
 
-  def __init__(self, patching_: Patcher, mesh, input_specs: dict):
-    p = patching_
+  def __init__(self, patcher: Patcher, mesh, input_specs: dict):
+    p = patcher
     model, host_params = None, None
     if p.config.mode == "entropy" and p.entropy is not None:
       model, host_params = load_entropy_model(p.entropy)

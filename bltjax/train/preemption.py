@@ -11,6 +11,7 @@ import signal
 import threading
 
 import jax
+from jax.experimental import multihost_utils
 
 
 class PreemptionGuard:
@@ -29,7 +30,6 @@ class PreemptionGuard:
 
   def should_stop(self, step: int) -> bool:
     if self._distributed:
-      from jax.experimental import multihost_utils
       return multihost_utils.reached_preemption_sync_point(step)
     return self.requested
 

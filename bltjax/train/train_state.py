@@ -39,7 +39,7 @@ def new_guard() -> dict:
 
 
 def build_model(config, model_cfg=None) -> nn.Module:
-  """The module of `config`; `model_cfg` is its configs.model_config where already built."""
+  """The module of `config`; `model_cfg` is its experiment.model_config where already built."""
   cfg = experiment.model_config(config) if model_cfg is None else model_cfg
   return ByteLatentTransformer(cfg) if config.model_type == "blt" else TransformerLM(cfg)
 
@@ -80,7 +80,7 @@ def param_count(params) -> int:
 def init_state_from(config, optimizer, mesh, abstract, shardings, path: str):
   """A fresh train state (step 0, new optimizer state) whose params come from `path` (an
   exported/converted model or another workdir), restored directly onto their shards."""
-  from bltjax.checkpoint import checkpointer  # Orbax import kept out of model-only uses of this module
+  from bltjax.checkpoint import checkpointer  # Orbax: kept out of model-only uses of this module
   params = checkpointer.restore_params(path, abstract.params)
   with sharding.mesh_context(mesh):
     return jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,

@@ -2,22 +2,25 @@
 
 The paper's recipe is two stages on the same data: a small byte LM (the entropy model), then the
 BLT with patches cut where that model's next-byte entropy is high. `run` does both in one command
-and resumes either stage from `WORKDIR[/entropy_model]/checkpoints` when re-run.
+and resumes either stage from `WORKDIR[/entropy_model]/checkpoints` when re-run. `train` is
+`python -m bltjax.main`: `run` with the command's default workdir, logging and last line.
 """
 
 import contextlib
 import copy
 import json
 import logging
+import os
+import shlex
 import time
 
+from absl import logging as absl_logging
 from etils import epath
 import jax
 import numpy as np
 
 from bltjax.checkpoint import checkpointer, workdir_lock
 from bltjax.data import bpe, pipeline
-from bltjax.data import shards as shards_lib
 from bltjax.data.prefetch import ThreadPrefetcher
 from bltjax.runtime import errors, sharding, storage
 from bltjax.train import (batch as batch_lib, experiment, feed as feed_lib, flops, heldout, metrics,
@@ -30,6 +33,40 @@ class Preempted(Exception):
   """Training stopped on a preemption notice after checkpointing; re-running resumes."""
 
 
+def train(config, workdir: str | None, *, config_file: str, force_unlock: bool = False):
+  """`python -m bltjax.main`, once this host's process is connected to the others: `run` into
+  `workdir` (default: workdir/<name of `config_file`>), process 0 logging for everyone. A
+  preemption is a warning (re-running resumes); a finished run ends with one line on stdout,
+  where the model is and a command to try on it."""
+  if jax.process_index() > 0:
+    absl_logging.set_verbosity(absl_logging.WARNING)  # process 0 logs for everyone
+  workdir = workdir or os.path.join(
+      "workdir", os.path.splitext(os.path.basename(config_file))[0])
+  logging.info("workdir: %s", storage.abspath(workdir))  # gs:// URLs stay URLs
+  try:
+    run(config, workdir, force_unlock=force_unlock)
+  except Preempted as e:
+    logging.warning("%s; re-run the same command to resume", e)
+    return
+  if jax.process_index() == 0:
+    print(what_next(config, storage.abspath(workdir)), flush=True)
+
+
+def what_next(config, workdir: str) -> str:
+  """One line: where the model trained by `config` is, and a command to try on it."""
+  where = shlex.quote(workdir)
+  if config.model_type == "blt":
+    prompt = "import " if config.data.get("source") == "stdlib" else "The "  # its kind of text
+    return (f"Trained BLT in {workdir}; generate from it: python -m bltjax.generate "
+            f"--checkpoint={where} --prompt={shlex.quote(prompt)}")
+  return (f"Trained {_model_name(config.model_type)} in {workdir}; plot its learning curve: "
+          f"python -m bltjax.plot curves --workdirs={where} --out=curves.png")
+
+
+def _model_name(model_type: str) -> str:
+  return {"entropy_model": "entropy model", "token_lm": "token LM"}.get(model_type, "BLT")
+
+
 def run(config, workdir: str, *, stop_at_step: int | None = None, force_unlock: bool = False):
   """Both stages. Returns the final train state of the last stage.
 
@@ -38,9 +75,8 @@ def run(config, workdir: str, *, stop_at_step: int | None = None, force_unlock: 
   `force_unlock` takes over the workdir lock even when its holder looks alive.
   """
   model_cfg, _ = experiment.validate(config, jax.device_count())  # the stage-1 config's too
-  shards_lib.data_shards(config.data, jax.process_index(), jax.process_count())  # fails early
-  check_paths(config, workdir)
-  heldout.check_eval_sets(config)  # a missing eval set file fails now, naming the set
+  # A missing path, bucket or eval set file fails now, naming it (both stages).
+  experiment.check_paths(config, workdir, jax.process_index(), jax.process_count())
   # One run per workdir (process 0 holds WORKDIR/.lock; a dead holder's lock is taken over).
   with workdir_lock.hold(workdir, force=force_unlock, what="training run"):
     return _run(config, model_cfg, workdir, stop_at_step)
@@ -69,20 +105,6 @@ def _run(config, model_cfg, workdir, stop_at_step):
                      stop_at_step=stop_at_step)
 
 
-def check_paths(config, workdir: str):
-  """Every path the run reads or writes, local or gs://, fails now with one line naming it
-  (missing path or bucket, no credentials) rather than deep inside a library later."""
-  storage.check_access(workdir, write=True)
-  d = config.data
-  reads = list(d.paths or ()) + [p for m in (d.mixture or ()) for p in m["paths"]]
-  reads += [config.init_from, d.preprocessed_dir]
-  if config.model_type == "blt":
-    reads.append(config.patching.entropy_model_checkpoint)
-  for path in reads:
-    if path:
-      storage.check_access(path)
-
-
 # -- one stage ------------------------------------------------------------------------------------
 
 
@@ -90,8 +112,8 @@ def train_stage(config, model_cfg, workdir: str, *, entropy_checkpoint: str | No
                 stop_at_step: int | None = None):
   """Trains one model (BLT or entropy model) to `config.train.steps`, resuming if possible.
 
-  `config` has been validated (`run`: configs.validate); `model_cfg` is its frozen model config
-  (configs.model_config), built once.
+  `config` has been validated (`run`: experiment.validate); `model_cfg` is its frozen model
+  config (experiment.model_config), built once.
   """
   t = config.train
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -105,23 +127,25 @@ def train_stage(config, model_cfg, workdir: str, *, entropy_checkpoint: str | No
     # The newest checkpoint whose metadata reads (unreadable ones are moved aside, see
     # bltjax/checkpoint/checkpointer.py); its arrays are read below, once the input pipeline exists.
     found = ckpt.latest_metadata()
-    start, resumed_meta = (found[0], found[2]) if found else (None, None)
+    start, resumed_metadata = (found[0], found[2]) if found else (None, None)
     if start is not None and start >= t.steps:
       logging.info("%s: already trained to step %d (train.steps=%d)", workdir, start, t.steps)
       return None
     # Patching (from the checkpoint's metadata when resuming), batch layouts, host -> devices.
-    inputs = feed_lib.setup(config, mesh, entropy_checkpoint, resumed_meta)
+    inputs = feed_lib.setup(config, mesh, entropy_checkpoint, resumed_metadata)
     local_batch = t.batch_size // jax.process_count()
     # Started before compiling, so that worker start-up and the first batches overlap compilation.
     train_ds = pipeline.make_dataset(config, "train", local_batch_size=local_batch,
                                      patch=inputs.host_patch)
     train_it = ThreadPrefetcher(iter(train_ds), _host_stats, buffer_size=config.data.prefetch)
-    # Whatever happens next (a restore error, a failed compile, an error in the loop), the
-    # prefetch thread and the input workers stop with this stage.
+    # Whatever happens next (a restore error, a failed compile, an error in the loop, a
+    # preemption), the prefetch thread and the input workers stop with this stage, and the
+    # shared memory of the batches they had read ahead is released (bltjax.data.workers).
     stack.callback(lambda: train_it.close())  # the restored iterator, once restored
     if start is not None:
       restored = ckpt.restore_latest(abstract, train_it)
-      if restored.meta != resumed_meta:  # fell back past the step whose metadata set up patching
+      # Fell back past the step whose metadata set up patching?
+      if restored.metadata != resumed_metadata:
         raise errors.CheckpointError(
             f"{workdir}: fell back to checkpoint {restored.step}, whose patching metadata differs "
             f"from that of checkpoint {start}; re-run to set up patching from it")
@@ -154,9 +178,9 @@ def train_stage(config, model_cfg, workdir: str, *, entropy_checkpoint: str | No
       eval_fn = None if eval_lowered is None else eval_lowered.compile()
       logging.info("Compiled the %s in %.1fs", "train and eval steps" if eval_fn is not None else
                    "train step", time.perf_counter() - t0)
-    evaluator = heldout.stage_evaluator(config, eval_fn, inputs.patching, inputs.host_patch,
+    evaluator = heldout.stage_evaluator(config, eval_fn, inputs.patcher, inputs.host_patch,
                                         local_batch, inputs.feed)
-    loop = _Loop(config, model_cfg, workdir, ckpt, inputs.meta, state, train_it, train_fn,
+    loop = _Loop(config, model_cfg, workdir, ckpt, inputs.metadata, state, train_it, train_fn,
                  evaluator, inputs.feed, entropy_cfg=inputs.entropy_cfg)
     end = t.steps if stop_at_step is None else min(stop_at_step, t.steps)
     state = loop.run(start, end)
@@ -184,12 +208,12 @@ class _Loop:
   its step is done), so asynchronous dispatch does not distort it; evaluation time is excluded.
   """
 
-  def __init__(self, config, model_cfg, workdir, ckpt, meta, state, train_it, train_fn,
+  def __init__(self, config, model_cfg, workdir, ckpt, metadata, state, train_it, train_fn,
                evaluator, feed, *, entropy_cfg=None):
-    self.config, self.workdir, self.ckpt, self.meta = config, workdir, ckpt, meta
+    self.config, self.workdir, self.ckpt, self.metadata = config, workdir, ckpt, metadata
     self.state, self.train_it, self.train_fn = state, train_it, train_fn
     self.evaluator, self.feed = evaluator, feed
-    desc = {"entropy_model": "entropy model", "token_lm": "token LM"}.get(config.model_type, "BLT")
+    desc = _model_name(config.model_type)
     self.model_cfg = model_cfg
     self.peak = flops.device_peak_flops(jax.devices()[0], self.model_cfg.runtime.dtype)
     self.writer = metrics.MetricWriter(workdir)
@@ -264,7 +288,7 @@ class _Loop:
       raise errors.TrainingDiverged(
           f"{self.workdir}: step {step}: the params are not finite; not saving them "
           f"(the newest checkpoint, {self.last_saved or 'none yet'}, is intact)")
-    self.ckpt.save(step, self.state, data_state, self.config.to_dict(), self.meta)
+    self.ckpt.save(step, self.state, data_state, self.config.to_dict(), self.metadata)
     self.last_saved = f"step {step}"
     return None  # nothing pending any more
 
@@ -314,8 +338,9 @@ class _Loop:
     return device, stats | device_stats
 
   def _throughput(self, values) -> dict:
-    """FLOPs per byte (bltjax.train.flops, with this logging interval's mean patch size, or its bytes
-    per token for token_lm), per-device FLOP/s and bytes/s, and MFU against the device's peak."""
+    """FLOPs per byte (bltjax.train.flops, with this logging interval's mean patch size, or its
+    bytes per token for token_lm), per-device FLOP/s and bytes/s, and MFU against the device's
+    peak."""
     n = self.config.data.seq_len
     extra = {}
     if self.config.model_type == "blt":

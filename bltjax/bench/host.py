@@ -1,11 +1,16 @@
-"""Input-pipeline benchmarks (print figures; never timed assertions). Wired into
-`python -m bltjax.bench pipeline`; also `python -m bltjax.bench_data host|startup [--corpus_gb=2]`.
+"""The host side of the input pipeline, measured (part of `python -m bltjax.bench pipeline`;
+`--part=host` or `--part=startup` runs one of them alone):
 
-  bench_host_pipeline  bytes/s of the host pipeline without the entropy model (read JSONL +
-                       tokenize + pack + batch + hash n-gram ids) on one pinned core.
-  bench_startup        start-up time (dataset built and first batch read) and peak resident
-                       memory per process on a synthetic multi-GB JSONL and Parquet corpus of
-                       many files, on 1 and on 4 processes (one data shard each).
+  host_pipeline  bytes/s of the host pipeline without the entropy model (read JSONL + tokenize +
+                 pack + batch + hash n-gram ids) on one pinned core.
+  startup        start-up time (dataset built and first batch read) and peak resident memory per
+                 process on a synthetic multi-GB JSONL and Parquet corpus of many files, on 1
+                 and on 4 processes (one data shard each).
+
+Each measurement runs in worker processes of its own, `python -m bltjax.bench.host <worker>
+<arguments as JSON>`: this module imports the data pipeline and nothing heavier (not the
+benchmark command's model and trainer), so that the start-up figures show what a data process
+pays for its imports.
 """
 
 import json
@@ -15,7 +20,14 @@ import sys
 import tempfile
 import time
 
+import ml_collections
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bltjax.data import pipeline
+from bltjax.model import hashing
+from bltjax.runtime import cli
 
 _WORDS = ("the of and to in is was for on that with as by at from it an be this are which or "
           "data model byte patch latent entropy transformer train step shard file corpus "
@@ -32,8 +44,6 @@ def _text_pool(n_bytes: int, seed: int = 0) -> str:
 def write_corpus(root: str, kind: str, total_bytes: int, files: int, seed: int = 0) -> str:
   """`files` JSONL or Parquet files of ~`total_bytes` of documents of 0.5-8 KB; returns the glob.
   Written once: an existing complete corpus in `root` is reused."""
-  import pyarrow as pa
-  import pyarrow.parquet as pq
   os.makedirs(root, exist_ok=True)
   done = os.path.join(root, f"{kind}.done")
   pattern = os.path.join(root, f"*.{kind}")
@@ -60,7 +70,6 @@ def write_corpus(root: str, kind: str, total_bytes: int, files: int, seed: int =
 
 
 def _data_config(kind: str, pattern: str, seq_len: int, shards: int):
-  import ml_collections
   d = dict(source=kind, paths=(pattern,), text_field="text", seq_len=seq_len,
            eval_fraction=0.001, shards=shards, num_workers=0, worker_buffer=2, prefetch=2,
            read_threads=1, read_buffer=16, host_hash_ids=False, preprocessed_dir=None,
@@ -75,59 +84,67 @@ def _rss_mib() -> dict:
   return {k: int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM")}
 
 
-def _host_worker(args):
+def _worker_command(worker: str, **kwargs) -> list[str]:
+  return [sys.executable, "-m", "bltjax.bench.host", worker, json.dumps(kwargs)]
+
+
+def _figures(out: str) -> dict:
+  """The figures a worker printed: its one line `@<JSON>`."""
+  return json.loads([line for line in out.splitlines() if line.startswith("@")][0][1:])
+
+
+def _host_worker(*, pattern: str, seq_len: int, batch: int, seconds: float):
   """One pinned core: batches/s of the pipeline, then with hash n-gram ids (8b.py's tables)."""
   os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-  from bltjax.data import pipeline
-  from bltjax.model import hashing
-  cfg = _data_config("jsonl", args.pattern, args.seq_len, 0)
-  it = iter(pipeline.make_dataset(cfg, "train", local_batch_size=args.batch, process_index=0,
+  cfg = _data_config("jsonl", pattern, seq_len, 0)
+  it = iter(pipeline.make_dataset(cfg, "train", local_batch_size=batch, process_index=0,
                                   process_count=1))
   results = {}
   for name, hash_ids in (("pipeline", False), ("pipeline + hash ids", True)):
     for _ in range(2):  # warm-up
       next(it)
     n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < args.seconds:
-      batch = next(it)
+    while time.perf_counter() - t0 < seconds:
+      b = next(it)
       if hash_ids:
-        hashing.hash_ids_numpy(batch["tokens"], group_sizes=(3, 4, 5, 6, 7, 8),
+        hashing.hash_ids_numpy(b["tokens"], group_sizes=(3, 4, 5, 6, 7, 8),
                                num_functions=1, vocab=500002)
-      n += batch["tokens"].size
+      n += b["tokens"].size
     results[name] = n / (time.perf_counter() - t0)
   print("@" + json.dumps(results), flush=True)
 
 
-def bench_host_pipeline(seq_len: int = 16384, *, batch: int = 4, seconds: float = 8.0,
-                        corpus_mb: int = 64) -> float:
+def host_pipeline(seq_len: int = 16384, *, batch: int = 4, seconds: float = 8.0,
+                  corpus_mb: int = 64) -> float:
   """Host pipeline bytes/s on one core without the entropy model; returns it (hash ids incl.)."""
   with tempfile.TemporaryDirectory() as tmp:
     pattern = write_corpus(tmp, "jsonl", corpus_mb << 20, files=8)
     out = subprocess.run(
-        [sys.executable, "-m", "bltjax.bench_data", "_host", f"--pattern={pattern}",
-         f"--seq_len={seq_len}", f"--batch={batch}", f"--seconds={seconds}"],
+        _worker_command("host", pattern=pattern, seq_len=seq_len, batch=batch, seconds=seconds),
         check=True, capture_output=True, text=True).stdout
-  results = json.loads([line for line in out.splitlines() if line.startswith("@")][0][1:])
+  results = _figures(out)
   print(f"host pipeline on one core (JSONL, rows of {seq_len} bytes, {batch} rows per batch):")
   for name, rate in results.items():
     print(f"  {name:22s} {rate:12,.0f} bytes/s")
   return results["pipeline + hash ids"]
 
 
-def _startup_worker(args):
+def _startup_worker(*, kind: str, pattern: str, seq_len: int, batch: int, shard: int,
+                    shards: int):
+  """One data process: its memory after the imports, then the time to its first train batch
+  and first eval batch, and its memory after them."""
+  rss0 = _rss_mib()
   t0 = time.perf_counter()
-  from bltjax.data import pipeline
-  imported, rss0 = time.perf_counter(), _rss_mib()
-  cfg = _data_config(args.kind, args.pattern, args.seq_len, args.shards)
-  it = iter(pipeline.make_dataset(cfg, "train", local_batch_size=args.batch,
-                                  process_index=args.shard, process_count=args.shards))
+  cfg = _data_config(kind, pattern, seq_len, shards)
+  it = iter(pipeline.make_dataset(cfg, "train", local_batch_size=batch, process_index=shard,
+                                  process_count=shards))
   next(it)
   first = time.perf_counter()
-  eval_it = iter(pipeline.make_dataset(cfg, "eval", local_batch_size=args.batch,
-                                       process_index=args.shard, process_count=args.shards))
+  eval_it = iter(pipeline.make_dataset(cfg, "eval", local_batch_size=batch, process_index=shard,
+                                       process_count=shards))
   next(eval_it)
   rss = _rss_mib()
-  print("@" + json.dumps(dict(imports=imported - t0, first_batch=first - imported,
+  print("@" + json.dumps(dict(first_batch=first - t0,
                               first_eval_batch=time.perf_counter() - first,
                               rss_imports=rss0["VmRSS"], rss=rss["VmRSS"],
                               peak_rss=rss["VmHWM"])), flush=True)
@@ -137,8 +154,8 @@ def _startup_worker(args):
   os._exit(0)
 
 
-def bench_startup(corpus_gb: float = 2.0, *, files: int = 64, seq_len: int = 16384,
-                  batch: int = 8, root: str | None = None):
+def startup(corpus_gb: float = 2.0, *, files: int = 64, seq_len: int = 16384, batch: int = 8,
+            root: str | None = None):
   """Start-up time and peak RSS per process, JSONL and Parquet, on 1 and 4 processes."""
   root = root or os.path.join(tempfile.gettempdir(), f"bltjax_bench_corpus_{corpus_gb:g}gb")
   print(f"start-up per process: synthetic corpus of {corpus_gb:g} GB per format in {files} "
@@ -153,49 +170,26 @@ def bench_startup(corpus_gb: float = 2.0, *, files: int = 64, seq_len: int = 163
     if time.perf_counter() - t0 > 1:
       print(f"  (wrote the {kind} corpus in {time.perf_counter() - t0:.0f} s)")
     for procs in (1, 4):
-      cmds = [[sys.executable, "-m", "bltjax.bench_data", "_startup", f"--kind={kind}",
-               f"--pattern={pattern}", f"--seq_len={seq_len}", f"--batch={batch}",
-               f"--shard={s}", f"--shards={procs}"] for s in range(procs)]
+      cmds = [_worker_command("startup", kind=kind, pattern=pattern, seq_len=seq_len,
+                              batch=batch, shard=s, shards=procs) for s in range(procs)]
       running = [subprocess.Popen(c, stdout=subprocess.PIPE, text=True) for c in cmds]
       rows = []
       for p in running:
         out, _ = p.communicate()
         if p.returncode:
           raise RuntimeError(f"start-up worker failed ({p.returncode})")
-        rows.append(json.loads([x for x in out.splitlines() if x.startswith("@")][0][1:]))
+        rows.append(_figures(out))
       worst = {k: max(r[k] for r in rows) for k in rows[0]}
       print(f"{kind:8s} {procs:9d} {worst['first_batch']:14.2f} {worst['first_eval_batch']:13.2f} "
             f"{worst['rss_imports']:16.0f} {worst['rss']:14.0f} {worst['peak_rss']:13.0f}")
   print("(the slowest / largest process of each row)")
 
 
-def main(args):
-  """`args`: the command line, parsed by `_parse` below."""
-  if args.what == "host":
-    bench_host_pipeline(args.seq_len, batch=args.batch, seconds=args.seconds)
-  elif args.what == "startup":
-    bench_startup(args.corpus_gb)
-  elif args.what == "_host":
-    _host_worker(args)
-  else:
-    _startup_worker(args)
+def _worker(argv):
+  """A worker process: `argv` is [program, worker name, its keyword arguments as JSON]."""
+  _, name, kwargs = argv
+  {"host": _host_worker, "startup": _startup_worker}[name](**json.loads(kwargs))
 
 
 if __name__ == "__main__":
-  from absl.flags import argparse_flags
-  from bltjax.runtime import cli
-
-  def _parse(argv):  # argparse, plus absl's own flags (--verbose, --verbosity)
-    parser = argparse_flags.ArgumentParser()
-    parser.add_argument("what", choices=["host", "startup", "_host", "_startup"])
-    parser.add_argument("--corpus_gb", type=float, default=2.0)
-    parser.add_argument("--pattern")
-    parser.add_argument("--kind")
-    parser.add_argument("--seq_len", type=int, default=16384)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--shard", type=int, default=0)
-    parser.add_argument("--shards", type=int, default=1)
-    return parser.parse_args(argv[1:])
-
-  cli.run(main, flags_parser=_parse)  # errors as one line (--verbose: traceback), exit 1
+  cli.run(_worker)  # the process set-up of every bltjax program; errors as one line

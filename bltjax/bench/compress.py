@@ -1,9 +1,9 @@
 """General-purpose compressors on the held-out bytes the trainer evaluates on:
 `python -m bltjax.bench compress [--config=experiments/debug.py]`.
 
-The trainer's `eval_bpb` (bltjax.train.heldout.Evaluator) covers the first `train.eval_batches` batches
-of the eval split: per data shard, the shard's held-out documents in order (unshuffled, cycled
-when short), each tokenized as BOS + bytes + EOS, concatenated and split into windows of
+The trainer's `eval_bpb` (bltjax.train.heldout.Evaluator) covers the first `train.eval_batches`
+batches of the eval split: per data shard, the shard's held-out documents in order (unshuffled,
+cycled when short), each tokenized as BOS + bytes + EOS, concatenated and split into windows of
 data.seq_len + 1 ids (bltjax.data.pipeline.packed_rows). So those batches cover exactly the
 first eval_batches x rows x (seq_len + 1) ids of that document stream, the last document cut
 where the last window ends. This module rebuilds that stream with the pipeline's own functions
@@ -28,10 +28,13 @@ import gzip
 import lzma
 
 import numpy as np
+import zstandard
 
+from bltjax.bench import common
 from bltjax.data import pipeline
 from bltjax.data import shards as shards_lib
 from bltjax.model import tokenizer
+from bltjax.train import experiment
 
 
 def _gzip(data: bytes) -> bytes:
@@ -43,7 +46,6 @@ def _xz(data: bytes) -> bytes:
 
 
 def _zstd(data: bytes) -> bytes:
-  import zstandard
   return zstandard.ZstdCompressor(level=19).compress(data)
 
 
@@ -103,8 +105,8 @@ def covered_documents(config) -> list[Doc]:
     for shard, total, rows in _shards(config):
       need = config.train.eval_batches * rows * n
       docs = shards_lib.tokenized_documents(config.data, "eval", seed=config.seed,
-                                          process_index=shard, process_count=total,
-                                          shuffle=False, num_epochs=None, source=source)
+                                            process_index=shard, process_count=total,
+                                            shuffle=False, num_epochs=None, source=source)
       for doc in docs:
         if need <= 0:
           break
@@ -121,8 +123,8 @@ def eval_split_documents(config) -> list[Doc]:
   for source in _sources(config):
     for shard, total, _ in _shards(config):
       docs = shards_lib.tokenized_documents(config.data, "eval", seed=config.seed,
-                                          process_index=shard, process_count=total,
-                                          shuffle=False, num_epochs=1, source=source)
+                                            process_index=shard, process_count=total,
+                                            shuffle=False, num_epochs=1, source=source)
       out += [Doc(shard, np.asarray(d["tokens"]), len(d["tokens"])) for d in docs]
   return out
 
@@ -179,5 +181,9 @@ def format_table(res: dict, config, name: str = "") -> str:
   return "\n".join(lines)
 
 
-def main(config, name: str = ""):
-  print(format_table(compress_figures(config), config, name))
+def run(config=None, name: str | None = None):
+  """Prints the table for `config` (an experiment config; default: experiments/debug.py), headed
+  by `name` (its file)."""
+  if config is None:
+    config, name = experiment.load(common.DEBUG_CONFIG), "experiments/debug.py"
+  print(format_table(compress_figures(config), config, f"{name}: "))
