@@ -9,8 +9,8 @@ evaluated on the same held-out documents. The BLTs are the quickstart's (experim
 the byte-level transformer and the BPE baseline run its latent transformer's stack over bytes and
 over BPE tokens.
 
-The default budget finishes on a 2-core CPU machine in well under an hour in all (see the
-README's "Reproducing the paper in small"); `:tiny` is a smoke run of a few steps per model.
+The default budget finishes on a 2-core CPU machine in well under an hour in all (see
+docs/paper-in-small.md); `:tiny` is a smoke run of a few steps per model.
 """
 
 import copy

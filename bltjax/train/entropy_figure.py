@@ -52,18 +52,18 @@ class TrainingFigure:
   with the run's frozen entropy model and patching: one forward over <= SNIPPET_BYTES bytes, on
   the host CPU where JAX has one. Never fails the run."""
 
-  def __init__(self, patching_):  # a bltjax.train.patcher.Patcher with an entropy model
-    self.patching, self.params, self.off = patching_, None, False
+  def __init__(self, run_patcher: patcher.Patcher):  # with an entropy model
+    self.patcher, self.params, self.off = run_patcher, None, False
 
   @classmethod
-  def create(cls, patching_):
+  def create(cls, run_patcher: patcher.Patcher | None):
     """A TrainingFigure, or None without an entropy model or without matplotlib."""
-    if patching_ is None or getattr(patching_, "entropy", None) is None:
+    if run_patcher is None or run_patcher.entropy is None:
       return None
     if not canvas.have_matplotlib():
       logging.info("no %s image in TensorBoard: %s", TAG, canvas.MISSING)
       return None
-    return cls(patching_)
+    return cls(run_patcher)
 
   def log(self, writer, step: int, evaluator):
     """Called by every process (reading the checkpoint may synchronise them); process 0 draws."""
@@ -71,8 +71,8 @@ class TrainingFigure:
       return
     try:
       if self.params is None:
-        _, params = patcher.load_entropy_model(self.patching.entropy)
-        self.cfg = LMConfig.from_dict(self.patching.entropy.model)
+        _, params = patcher.load_entropy_model(self.patcher.entropy)
+        self.cfg = LMConfig.from_dict(self.patcher.entropy.model)
         try:
           device = jax.local_devices(backend="cpu")[0]
         except RuntimeError:  # JAX_PLATFORMS without cpu
@@ -80,7 +80,7 @@ class TrainingFigure:
         self.params = () if jax.process_index() else jax.device_put(params, device)
       if jax.process_index() == 0:
         writer.write_image(step, TAG, training_figure_png(
-            self.params, self.cfg, self.patching.config, eval_snippet(evaluator),
+            self.params, self.cfg, self.patcher.config, eval_snippet(evaluator),
             title=f"step {step}: next-byte entropy and patches of a held-out snippet"))
     except Exception as e:  # noqa: BLE001 (a picture never stops training)
       self.off = True

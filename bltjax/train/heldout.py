@@ -39,14 +39,15 @@ def _first(ds, n: int) -> list:
   return [next(it) for _ in range(n)]
 
 
-def stage_evaluator(config, eval_fn, patching, patch, local_batch: int, feed) -> "Evaluator":
+def stage_evaluator(config, eval_fn, run_patcher, patch, local_batch: int,
+                    feed) -> "Evaluator":
   """The Evaluator of a training stage (bltjax.train.trainer): `eval_fn` is the compiled eval step
-  (bltjax.train.step; None without train.eval_batches), `patching` the stage's
-  patcher.Patching or None, `patch` its host transform. With an entropy model and
+  (bltjax.train.step; None without train.eval_batches), `run_patcher` the stage's
+  patcher.Patcher or None, `patch` its host transform. With an entropy model and
   train.entropy_figure, its reports also draw the entropy figure."""
   figure = None
-  if patching is not None and patching.entropy is not None and config.train.entropy_figure:
-    figure = entropy_figure.TrainingFigure.create(patching)
+  if run_patcher is not None and run_patcher.entropy is not None and config.train.entropy_figure:
+    figure = entropy_figure.TrainingFigure.create(run_patcher)
   return Evaluator(config, eval_fn, patch, local_batch, feed, figure=figure)
 
 
