@@ -2,6 +2,7 @@
 
     python -m bltjax.aot --config=experiments/8b.py --topology=v5p-256
     python -m bltjax.aot --config=experiments/1b.py --topology=h100x64 --mfu=0.35
+    python -m bltjax.aot --config=experiments/8b.py --topology=v5p-256 --slices=2
 
 TPU topologies (v4-N, v5e-N, v5p-N, v6e-N: Cloud TPU names, N TensorCores; v4/v5p have two per
 chip) compile through libtpu (`pip install -e ".[tpu]"`), no TPU needed. GPU meshes
@@ -28,13 +29,15 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.", 
 _TOPOLOGY = flags.DEFINE_string("topology", None, "v5p-256, v5e-256, v4-128, v6e-64, h100x64, ...")
 _MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the time estimate.")
 _BYTES_PER_PATCH = flags.DEFINE_float("bytes_per_patch", 4.5, "Mean patch size assumed for FLOPs.")
+_SLICES = flags.DEFINE_integer("slices", 1, "TPU slices of --topology joined over DCN (the mesh's "
+                               "'data' axis spans them).")
 flags.mark_flags_as_required(["config", "topology"])
 
 
 def main(argv):
   cli.no_arguments(argv)
   if not aot.check(_CONFIG.value, _TOPOLOGY.value, mfu=_MFU.value,
-                   bytes_per_patch=_BYTES_PER_PATCH.value):
+                   bytes_per_patch=_BYTES_PER_PATCH.value, slices=_SLICES.value):
     sys.exit(1)
   logging.info("done")
 

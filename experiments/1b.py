@@ -43,8 +43,13 @@ def get_config(arg=None):
       hash_vocab=500002,                    # rows per table
       hash_functions=1,
       runtime=dict(dtype="bfloat16", param_dtype="float32",
-                   remat_policy="dots_with_no_batch_dims_saveable",
-                   attn_chunk=128,  # local attention in 128-query blocks (divides the 512 window)
+                   # keep every projection and the attention context (splash's residuals
+                   # too): only norms, RoPE and SiLU are recomputed. Chosen by AOT memory:
+                   # 8B on v5p-256 needs 25.2 GiB of 95 per chip with it (docs/accelerators.md)
+                   remat_policy="minimal_with_context",
+                   attention="auto",  # splash on TPU, cuDNN on GPU where it applies, xla on CPU
+                   attn_block=512,  # splash blocks of 512 rows (the local window; latent: 512)
+                   attn_chunk=128,  # xla: local attention in 128-query blocks (divides the window)
                    attn_loop=False,  # all blocks as one batched op (accelerators)
                    scan_unroll=1))  # rolled layer loops: compile time independent of depth
   c.patching = dict(
@@ -68,8 +73,9 @@ def get_config(arg=None):
   c.train = copy.deepcopy(c.entropy_model.train)
   c.train.update(
       batch_size=1024,          # 1024 x 16k bytes = 16.8M bytes per step (paper: ~16M)
-      microbatches=8,           # gradient accumulation: 1 row of 16k bytes per device per pass
-                                # on 128 chips
+      microbatches=placeholder(int),  # None: they follow from rows_per_device, device count
+      rows_per_device=1,        # 1 row of 16k bytes per device per pass: 8 microbatches on
+                                # v5p-256 (128 chips), 4 on v6e-256, 16 on 64 GPUs, 128 on 8
       checkpoint_every=1_000,
       entropy_figure=True)      # at each evaluation, log the next-byte entropy and patches of a
                                 # held-out snippet to TensorBoard (patches/entropy; needs [plot])

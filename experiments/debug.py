@@ -54,7 +54,9 @@ def get_config(arg=None):
           dtype="float32",    # compute dtype; bf16 matmuls are slower than fp32 on these CPUs
           param_dtype="float32",
           remat_policy="none",  # no rematerialisation needed at this size
-          attn_chunk=None,      # local attention in query chunks of the whole window
+          attention="auto",     # xla on CPU, splash on TPU, cuDNN on GPU where it applies
+          attn_block=128,       # splash blocks of 128 rows (the 128-byte window)
+          attn_chunk=None,      # xla: local attention in query chunks of the whole window
           attn_loop=False,      # all chunks as one batched op
           scan_unroll=1))       # layer loops stay rolled (compile time)
 
@@ -100,6 +102,8 @@ def get_config(arg=None):
       steps=300,              # optimizer steps (~4 minutes on 2 CPU cores)
       batch_size=16,          # global rows per step
       microbatches=1,         # gradient accumulation steps inside one train step
+      rows_per_device=placeholder(int),  # or: rows per device per microbatch (then
+                                         # microbatches=None)
       log_every=20,           # steps between metrics.jsonl records
       eval_every=100,         # steps between held-out evaluations (0: never)
       eval_batches=4,         # batches per evaluation
@@ -145,11 +149,14 @@ def get_config(arg=None):
               norm_eps=1e-5,
               attn_window=128),  # sliding window (512 in the released model)
           runtime=dict(dtype="float32", param_dtype="float32", remat_policy="none",
-                       attn_chunk=None, attn_loop=False, scan_unroll=1)),  # as for BLT above
+                       attention="auto", attn_block=128, attn_chunk=None, attn_loop=False,
+                       scan_unroll=1)),  # as for BLT above
       data=dict(seq_len=384, num_workers=0, worker_buffer=4, prefetch=2, read_threads=2,
                 read_buffer=64,
                 host_hash_ids=False, preprocessed_dir=placeholder(str)),
-      train=dict(steps=200, batch_size=16, microbatches=1, log_every=20, eval_every=100,
+      train=dict(steps=200, batch_size=16, microbatches=1, rows_per_device=placeholder(int),
+                 log_every=20,
+                 eval_every=100,
                  eval_batches=4, checkpoint_every=100, keep_checkpoints=2,
                  nonfinite="stop", max_skipped_steps=10, loss_spike_factor=0.0,
                  loss_spike_horizon=100,  # the update guard, as above

@@ -38,8 +38,14 @@ case "${1:-}" in
       : "${WORKDIR:?set WORKDIR (a gs:// path shared by all workers)}"
     fi
     args=$(printf "%q " "$@")
+    # ssh does not carry this shell's environment: the XLA flags set here (bltjax adds its
+    # collective-overlap defaults to LIBTPU_INIT_ARGS for each one not set) go along.
+    env_args=""
+    for var in LIBTPU_INIT_ARGS XLA_FLAGS; do
+      if [[ -n "${!var:-}" ]]; then env_args+="$var=$(printf "%q" "${!var}") "; fi
+    done
     ssh_all "cd bltjax && . .venv/bin/activate && \
-      python -m $module ${WORKDIR:+--workdir=$WORKDIR} $args 2>&1 | tee -a ~/bltjax.log" ;;
+      $env_args python -m $module ${WORKDIR:+--workdir=$WORKDIR} $args 2>&1 | tee -a ~/bltjax.log" ;;
   *)
     echo "usage: $0 {create|setup|run [flags of \$MODULE, default bltjax.main]}" >&2; exit 2 ;;
 esac

@@ -98,6 +98,16 @@ def test_host_and_accelerator_patching_cut_the_same_patches(entropy_ckpt, rule):
   assert device["patch_lengths"].sharding.spec == batch_lib.shardings(
       mesh, specs)["tokens"].spec  # stays sharded like the batch
   assert float(stats["patch_overflow"]) == host["patch_overflow"].sum()
+  # The entropy model in 4 passes of 2 rows (the train step's microbatches): the same cuts.
+  chunked = patcher.DevicePatcher(_patching(entropy_ckpt, "accelerator", **pc), mesh, specs,
+                                  chunks=4)
+  np.testing.assert_array_equal(np.asarray(chunked(batch_lib.to_global(
+      rows, batch_lib.shardings(mesh, specs)))[0]["patch_lengths"]), lengths)
+  # Padding: the patch slots that hold no patch, the same share on the host and on the device.
+  np.testing.assert_allclose(float(stats["patch_padding"]), 1 - (lengths > 0).sum() / lengths.size,
+                             rtol=1e-6)
+  np.testing.assert_allclose(batch_lib.patch_padding(host["patch_lengths"]),
+                             float(stats["patch_padding"]), rtol=1e-6)
   np.testing.assert_allclose(float(stats["bytes_per_patch"]),
                              batch_lib.host_stats(host | {"doc_flag_counts": np.zeros((8, 4))})
                              ["bytes_per_patch"], rtol=1e-6)
@@ -149,6 +159,8 @@ def test_accelerator_patching_trains_resumes_and_logs_like_host_patching(tmp_pat
     # The same rows and patches before and after the resume (the data position is exact).
     assert b[s]["bytes_per_patch"] == pytest.approx(a[s]["bytes_per_patch"], rel=1e-6)
     assert b[s]["patch_overflow"] == a[s]["patch_overflow"]
+    assert b[s]["patch_padding"] == pytest.approx(a[s]["patch_padding"], rel=1e-6)
+    assert 0 < a[s]["patch_padding"] < 1
   evals = [r["eval_bpb"] for r in metrics.read_metrics(acc) if "eval_bpb" in r]
   want = [r["eval_bpb"] for r in metrics.read_metrics(host) if "eval_bpb" in r]
   np.testing.assert_allclose(evals, want, rtol=1e-5)

@@ -148,6 +148,15 @@ def test_compile_only_check_on_fake_devices():
   assert r["involuntary_remat"] == 0
   assert r["arguments"] > 0 and r["flops_per_step"] > 0 and r["step_time"] > 0
   assert r["patching"] is None  # debug.py patches on the host
+  # A GPU mesh compiles on host devices: 'auto' attention is xla there, and no kernel is counted.
+  assert r["attention"] == {"model": "xla", "entropy_model": "xla"} and r["kernels"] == {}
+  assert r["state_per_device"] + r["batch_per_device"] <= r["arguments"]
+  hlo = ('%a = bf16[1,512,128] custom-call(%q), custom_call_target="tpu_custom_call", '
+         'backend_config={"custom_call_config": {"name": "splash_mha_fwd_segmented_residuals"}}\n'
+         '%b = f32[8] custom-call(), custom_call_target="AllocateBuffer"\n'
+         '%c = bf16[2,8] custom-call(%x), custom_call_target="__cudnn$fmhaSoftmax"')
+  assert aot.count_kernels(hlo) == {"splash_mha_fwd_segmented_residuals": 1,
+                                    "__cudnn$fmhaSoftmax": 1}
   c.patching.device = "accelerator"  # the entropy model compiled next to the step, same mesh
   p = aot.compile_report(c, "a100x8", mfu=0.4, bytes_per_patch=4.0)["patching"]
   assert p["error"] is None and p["arguments"] > 0 and p["temporaries"] > 0
@@ -171,3 +180,27 @@ def test_compile_only_check_for_tpu_pods(name, topology):
   assert "accelerator patching (entropy model + cut" in res.stdout
   headroom = int(re.search(r"step \+ patching: .* headroom (\d+)%", res.stdout).group(1))
   assert headroom >= 20, res.stdout
+  # Fused attention: splash kernels for the local encoder, the latent and the local decoder
+  # (one scanned stack each: forward, dq and dkv), and for the entropy model in patching.
+  assert "attention: model splash, entropy_model splash" in res.stdout
+  kernels = dict(re.findall(r"(splash_\w+) x(\d+)", res.stdout.split("accelerator patching")[0]))
+  for kind in ("fwd", "dq", "dkv"):
+    assert sum(int(n) for k, n in kernels.items() if f"_{kind}_" in k) >= 3, res.stdout
+  assert "fused kernels splash_mha_fwd" in res.stdout.split("accelerator patching")[1]
+
+
+@pytest.mark.tpu_topology
+@pytest.mark.skipif(not HAVE_LIBTPU, reason="needs libtpu: pip install -e '.[tpu]'")
+def test_splash_kernels_compile_for_a_tpu_from_this_host():
+  """`attention="auto"` on a TPU target builds Mosaic splash kernels (not interpret mode), in the
+  step and in accelerator patching; `bltjax.aot` counts them (~30 s: the tiny config)."""
+  res = subprocess.run([sys.executable, "-m", "bltjax.aot",
+                        f"--config={REPO}/experiments/debug.py:tiny", "--topology=v5p-8",
+                        "--config.patching.device=accelerator"],
+                       capture_output=True, text=True, cwd=REPO)
+  assert res.returncode == 0, res.stdout + res.stderr[-2000:]
+  step, patching = res.stdout.split("accelerator patching")
+  assert re.search(r"splash_mha_fwd\w* x\d+", step)
+  assert re.search(r"splash_mha_dkv\w* x\d+", step)
+  assert "splash_mha_fwd" in patching
+

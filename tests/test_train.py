@@ -166,6 +166,25 @@ def test_invalid_configs_name_the_field(field, value, message):
     experiment.validate(cfg, 8)
 
 
+def test_rows_per_device_sets_the_microbatches_for_any_device_count():
+  """One config, many machines: batch_size / (rows_per_device x data*fsdp) microbatches."""
+  cfg = experiment.load(os.path.join(REPO, "experiments", "8b.py"))
+  assert (cfg.train.rows_per_device, cfg.train.microbatches) == (1, None)
+  for devices, want in ((128, 8), (256, 4), (64, 16), (8, 128)):  # v5p-256, v6e-256, h100x64/x8
+    assert experiment.microbatches(cfg, devices) == want
+  cfg.train.microbatches = 8
+  assert experiment.microbatches(cfg, 128) == 8  # an explicit value that agrees is fine
+  with pytest.raises(ValueError, match=r"train.microbatches=8 contradicts "
+                     r"train.rows_per_device=1, which gives 128 on 8 devices"):
+    experiment.microbatches(cfg, 8)
+  cfg.train.microbatches, cfg.train.rows_per_device = None, 3
+  with pytest.raises(ValueError, match=r"train.batch_size=1024 is not a multiple of "
+                     r"train.rows_per_device=3 x data\*fsdp=128"):
+    experiment.microbatches(cfg, 128)
+  small = tiny_blt()  # no rows_per_device: microbatches as written
+  assert experiment.microbatches(small, 8) == small.train.microbatches
+
+
 def test_quickstart_command_end_to_end(tmp_path):
   """`python -m bltjax.main --config=experiments/debug.py` (tiny): both stages and outputs. The
   BLT stage reads through a grain worker process, as the quickstart's does: the run ends clean

@@ -9,8 +9,8 @@ def transformer(dim=32, layers=2, heads=2, kv_heads=None, window=None, theta=500
 
 
 def runtime(dtype="float32", remat="none"):
-  return RuntimeConfig(dtype=dtype, param_dtype="float32", remat_policy=remat, attn_chunk=None,
-                       attn_loop=False, scan_unroll=1)
+  return RuntimeConfig(dtype=dtype, param_dtype="float32", remat_policy=remat, attention="xla",
+                       attn_block=128, attn_chunk=None, attn_loop=False, scan_unroll=1)
 
 
 def blt_config(*, window=8, k=2, enc_layers=1, all_enc=False, dec_layers=2, all_dec=True,

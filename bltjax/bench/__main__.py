@@ -8,19 +8,23 @@
             bytes/s per core, start-up time and memory per process on a multi-GB corpus;
             --part=host or --part=startup runs only the host pipeline's bytes/s per core
             [--seconds=8] or only the start-up measurement [--corpus_gb=2].
+  step      a few real train steps of any config (--config=experiments/1b.py, overrides as for
+            bltjax.main) on the devices present, per attention backend (--attention=xla,cudnn;
+            default xla and the platform's fused kernel): step time, bytes/s, MFU, peak
+            memory, attention's share; see bltjax.bench.step.
   compress  gzip -9, xz -9e and zstd -19 bits per byte on exactly the held-out bytes the trainer's
             eval_bpb covers (--config=experiments/small.py[:arg], default experiments/debug.py;
             --config.field=value overrides as for bltjax.main); see bltjax.bench.compress.
 
 These machines are noisy: each figure is a median over several timed steps, and ratios are taken
 between measurements interleaved in the same run. One module per benchmark (bltjax.bench.train,
-.generate, .pipeline, .compress); `_port` and `_pipeline` are their worker processes.
+.generate, .pipeline, .step, .compress); `_port` and `_pipeline` are their worker processes.
 """
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from bltjax.bench import compress, generate, pipeline, train
+from bltjax.bench import compress, generate, pipeline, step, train
 from bltjax.runtime import cli
 
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 1024, "bytes per row")
@@ -46,7 +50,12 @@ _PART = flags.DEFINE_enum("part", "all", pipeline.PARTS, "pipeline: everything, 
 _SECONDS = flags.DEFINE_float("seconds", 8.0, "pipeline: seconds per host pipeline measurement")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "compress: the experiment whose held-out bytes to compress (default: "
-    "experiments/debug.py)", lock_config=False)
+    "experiments/debug.py); step: the experiment to run", lock_config=False)
+_ATTENTION = flags.DEFINE_list("attention", None, "step: attention backends to compare (default: "
+                               "xla and the platform's fused one: splash on TPU, cudnn on GPU)")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "step: untimed steps after compilation")
+_BYTES_PER_PATCH = flags.DEFINE_float("bytes_per_patch", 4.5, "step: mean patch size of the "
+                                      "synthetic batch")
 
 
 def main(argv):
@@ -58,6 +67,8 @@ def main(argv):
       "pipeline": lambda: pipeline.run(
           configs=_CONFIGS.value, row_bytes=_ROW_BYTES.value, corpus_gb=_CORPUS_GB.value,
           part=_PART.value, batch=_BATCH.value, seconds=_SECONDS.value),
+      "step": lambda: step.main(_CONFIG.value, attentions=_ATTENTION.value, steps=_STEPS.value,
+                                warmup=_WARMUP.value, bytes_per_patch=_BYTES_PER_PATCH.value),
       "compress": lambda: compress.run(_CONFIG.value, None if _CONFIG.value is None else
                                        flags.FLAGS["config"].config_filename),
       "_port": lambda: train.port_worker(

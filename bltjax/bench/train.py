@@ -41,6 +41,7 @@ def bench_config(dtype: str) -> BLTConfig:
                    cross_attn_all_layers_decoder=True, hash_group_sizes=(3, 4, 5, 6, 7, 8),
                    hash_vocab=16381, hash_functions=1,
                    runtime=RuntimeConfig(dtype=dtype, param_dtype="float32", remat_policy="none",
+                                         attention="xla", attn_block=512,
                                          attn_chunk=256, attn_loop=True, scan_unroll=16))
 
 

@@ -163,7 +163,22 @@ def _json_items(restored, names=("config", "meta")) -> tuple[dict, ...]:
   for name in names:
     if not isinstance(restored.get(name), dict):
       raise _Unreadable(f"the {name} item is missing or not a JSON object")
+  if "config" in names:
+    _add_new_runtime_fields(restored["config"])
   return tuple(restored[name] for name in names)
+
+
+# model.runtime fields that configs saved before them lack, with the value those runs computed
+# with (bltjax.model.config.RuntimeConfig requires every field).
+ADDED_RUNTIME_FIELDS = {"attention": "xla", "attn_block": 512}
+
+
+def _add_new_runtime_fields(config: dict):
+  for section in (config, config.get("entropy_model")):
+    runtime = ((section or {}).get("model") or {}).get("runtime")
+    if isinstance(runtime, dict):
+      for field, value in ADDED_RUNTIME_FIELDS.items():
+        runtime.setdefault(field, value)
 
 
 def _state_metadata(manager, step: int):

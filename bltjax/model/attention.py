@@ -204,8 +204,17 @@ def _chunk_attention_bwd(res, do):
 chunk_attention.defvjp(_chunk_attention_fwd, _chunk_attention_bwd)
 
 
+def sorted_take(x_PxF, ids_N):
+  """x[ids] along axis 0 for ids that never decrease along the row (patch ids: they come from
+  `patching.patch_ids_from_lengths`), which XLA's gather and its scatter-add transpose are told
+  (sorted indices: no sort, contiguous segments). Ids past the end read NaN (jnp.take's "fill");
+  the segment reductions drop them."""
+  return x_PxF.at[ids_N].get(mode="fill", indices_are_sorted=True)
+
+
 def patch_pooling_attention(q_BxPxkxHxE, k_BxNxHxE, v_BxNxHxE, patch_ids_BxN):
-  """Encoder cross-attention: sub-query (p, j) attends only to the bytes t with patch_ids[t] == p.
+  """Encoder cross-attention: sub-query (p, j) attends only to the bytes t with patch_ids[t] == p
+  (patch ids never decrease along a row: the gathers and segment sums are told so).
 
   Computed as a segment softmax over bytes (each byte meets only its own patch's k sub-queries),
   O(N·k·H·E) work and memory. Empty patches get a zero output. Returns [B, P, k, H, E].
@@ -214,15 +223,16 @@ def patch_pooling_attention(q_BxPxkxHxE, k_BxNxHxE, v_BxNxHxE, patch_ids_BxN):
   e = q_BxPxkxHxE.shape[-1]
 
   def one_row(q_PxkxHxE, k_NxHxE, v_NxHxE, ids_N):
-    q_n = jnp.take(q_PxkxHxE, ids_N, axis=0)  # [N, k, H, E]: each byte's own patch's sub-queries
+    q_n = sorted_take(q_PxkxHxE, ids_N)  # [N, k, H, E]: each byte's own patch's sub-queries
     s = jnp.einsum("njhe,nhe->njh", q_n * (e**-0.5), k_NxHxE,
                    preferred_element_type=jnp.float32)
-    s_max = jax.ops.segment_max(s, ids_N, num_segments=num_patches)  # [P, k, H]; -inf if empty
+    segments = dict(num_segments=num_patches, indices_are_sorted=True)
+    s_max = jax.ops.segment_max(s, ids_N, **segments)  # [P, k, H]; -inf if empty
     s_max = jnp.where(jnp.isfinite(s_max), s_max, 0.0)
-    p = jnp.exp(s - jnp.take(s_max, ids_N, axis=0))  # [N, k, H]
-    denom = jax.ops.segment_sum(p, ids_N, num_segments=num_patches)
+    p = jnp.exp(s - sorted_take(s_max, ids_N))  # [N, k, H]
+    denom = jax.ops.segment_sum(p, ids_N, **segments)
     num = jax.ops.segment_sum(p[..., None] * v_NxHxE[:, None].astype(jnp.float32), ids_N,
-                              num_segments=num_patches)  # [P, k, H, E]
+                              **segments)  # [P, k, H, E]
     return num / jnp.where(denom == 0, 1.0, denom)[..., None]
 
   out = jax.vmap(one_row)(q_BxPxkxHxE, k_BxNxHxE, v_BxNxHxE, patch_ids_BxN)
@@ -235,7 +245,7 @@ def byte_to_patch_attention(q_BxNxHxE, k_BxPxkxHxE, v_BxPxkxHxE, patch_ids_BxN):
   A gather of k keys per byte and a softmax over them: O(N·k·H·E). Returns [B, N, H, E].
   """
   e = q_BxNxHxE.shape[-1]
-  gather = jax.vmap(lambda x, ids: jnp.take(x, ids, axis=0))
+  gather = jax.vmap(sorted_take)
   k_n = gather(k_BxPxkxHxE, patch_ids_BxN)  # [B, N, k, H, E]
   v_n = gather(v_BxPxkxHxE, patch_ids_BxN)
   s = jnp.einsum("bnhe,bnjhe->bnjh", q_BxNxHxE * (e**-0.5), k_n,

@@ -66,21 +66,45 @@ class TransformerConfig:
       raise ValueError(f"{where}.n_layers must be >= 1, got {self.n_layers}")
 
 
+# Self-attention backends (bltjax.model.fused_attention): none changes what is computed.
+ATTENTION_BACKENDS = ("auto", "xla", "splash", "cudnn")
+
+# Remat policies by the names of the values a block tags with `checkpoint_name`
+# (model/transformer.py, layers.SwiGLU): what the backward pass keeps; the rest is recomputed.
+# Values are in the compute dtype (bf16 when training), never the matmuls' fp32 accumulators.
+NAMED_REMAT_POLICIES = {
+    # MaxText's minimal_with_context; Meta's selective checkpointing also keeps matmul and
+    # attention outputs: every projection and the attention context. Recomputes norms, RoPE,
+    # SiLU and the attention kernel's statistics.
+    "minimal_with_context": ("query_proj", "key_proj", "value_proj", "context", "out_proj",
+                             "mlp_gate", "mlp_up", "mlp_out"),
+    # The attention side only: q, k, v and the context; the MLP's matmuls are recomputed.
+    "qkv_and_context": ("query_proj", "key_proj", "value_proj", "context"),
+    # The attention context only (the cheapest to keep per FLOP it saves).
+    "context": ("context",),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
   """How the model is computed (not what it computes); shared by the BLT and the entropy model."""
   dtype: str         # compute dtype: 'bfloat16' for training, 'float32' for parity checks.
   param_dtype: str   # 'float32' master weights.
-  remat_policy: str  # 'none' | 'full' | any name in jax.checkpoint_policies.
-  attn_chunk: int | None  # query block of local attention, capped at the window (None = window).
-  attn_loop: bool    # local attention one query chunk at a time (CPU: cache-friendly).
+  remat_policy: str  # 'none' | 'full' | a NAMED_REMAT_POLICIES name | a jax.checkpoint_policies
+                     # name.
+  attention: str     # self-attention backend: one of ATTENTION_BACKENDS.
+  attn_block: int    # splash attention's block of query and key rows (a multiple of 128).
+  attn_chunk: int | None  # xla: query block of local attention, capped at the window (None =
+                          # window).
+  attn_loop: bool    # xla: local attention one query chunk at a time (CPU: cache-friendly).
   scan_unroll: int   # layers per iteration of the scanned layer loops (1 = rolled loop).
 
   @classmethod
   def for_inference(cls, dtype: str) -> "RuntimeConfig":
-    """No rematerialisation; window-sized attention chunks (valid for any window)."""
-    return cls(dtype=dtype, param_dtype="float32", remat_policy="none", attn_chunk=None,
-               attn_loop=False, scan_unroll=1)
+    """No rematerialisation; the device's fused attention where it has one; window-sized
+    attention chunks for xla (valid for any window)."""
+    return cls(dtype=dtype, param_dtype="float32", remat_policy="none", attention="auto",
+               attn_block=512, attn_chunk=None, attn_loop=False, scan_unroll=1)
 
   def chunk_for(self, window: int | None) -> int | None:
     """The local-attention query chunk for a stack with this window."""
@@ -181,16 +205,21 @@ def _validate_runtime(rt: RuntimeConfig, where: str, stacks=()):
     raise ValueError(f"{where}.dtype must be one of {_DTYPES}, got {rt.dtype!r}")
   if rt.param_dtype not in _DTYPES:
     raise ValueError(f"{where}.param_dtype must be one of {_DTYPES}, got {rt.param_dtype!r}")
-  if rt.remat_policy not in ("none", "full") and not hasattr(jax.checkpoint_policies,
-                                                              rt.remat_policy):
-    raise ValueError(f"{where}.remat_policy={rt.remat_policy!r} is not 'none', 'full' or a "
-                     "jax.checkpoint_policies name")
+  if (rt.remat_policy not in ("none", "full", *NAMED_REMAT_POLICIES)
+      and not hasattr(jax.checkpoint_policies, rt.remat_policy)):
+    raise ValueError(f"{where}.remat_policy={rt.remat_policy!r} is not 'none', 'full', one of "
+                     f"{tuple(NAMED_REMAT_POLICIES)} or a jax.checkpoint_policies name")
   if rt.scan_unroll < 1:
     raise ValueError(f"{where}.scan_unroll must be >= 1, got {rt.scan_unroll}")
   if rt.attn_chunk is not None and rt.attn_chunk < 1:
     raise ValueError(f"{where}.attn_chunk must be >= 1 or None, got {rt.attn_chunk}")
   if not isinstance(rt.attn_loop, bool):
     raise ValueError(f"{where}.attn_loop must be True or False, got {rt.attn_loop!r}")
+  if rt.attention not in ATTENTION_BACKENDS:
+    raise ValueError(f"{where}.attention={rt.attention!r} must be one of {ATTENTION_BACKENDS}")
+  if not isinstance(rt.attn_block, int) or rt.attn_block < 128 or rt.attn_block % 128:
+    raise ValueError(f"{where}.attn_block={rt.attn_block!r} must be a multiple of 128 (the "
+                     "TPU's lanes)")
   for t in stacks:
     chunk = rt.chunk_for(t.attn_window)
     if chunk is not None and t.attn_window % chunk:

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 
 def trunc_normal(std: float):
@@ -149,7 +150,10 @@ class SwiGLU(Layer):
   def __call__(self, x_BxNxD):
     dim = x_BxNxD.shape[-1]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    gate_BxNxF = Dense(self.hidden, dim**-0.5, ("embed", "mlp"), name="w1", **kw)(x_BxNxD)
-    up_BxNxF = Dense(self.hidden, dim**-0.5, ("embed", "mlp"), name="w3", **kw)(x_BxNxD)
+    gate_BxNxF = checkpoint_name(
+        Dense(self.hidden, dim**-0.5, ("embed", "mlp"), name="w1", **kw)(x_BxNxD), "mlp_gate")
+    up_BxNxF = checkpoint_name(
+        Dense(self.hidden, dim**-0.5, ("embed", "mlp"), name="w3", **kw)(x_BxNxD), "mlp_up")
     h_BxNxF = constrain(nn.silu(gate_BxNxF) * up_BxNxF, ("batch", "length", "act_mlp"))
-    return Dense(dim, self.hidden**-0.5, ("mlp", "embed"), name="w2", **kw)(h_BxNxF)
+    return checkpoint_name(
+        Dense(dim, self.hidden**-0.5, ("mlp", "embed"), name="w2", **kw)(h_BxNxF), "mlp_out")

@@ -15,8 +15,10 @@ from bltjax.model.transformer import (ACT, BLOCK_IN_AXES, Block, ByteCrossAttent
 
 def max_pool_patches(h_BxNxD, patch_ids_BxN, num_patches):
   """Per-patch max over its bytes' states; empty patches are exactly 0 (the reference scatters
-  `amax` into zeros with include_self=False). Ids outside [0, num_patches) are ignored."""
-  pooled = jax.vmap(lambda h, ids: jax.ops.segment_max(h, ids, num_segments=num_patches))(
+  `amax` into zeros with include_self=False). Ids outside [0, num_patches) are ignored; ids never
+  decrease along a row (patching.patch_ids_from_lengths)."""
+  pooled = jax.vmap(lambda h, ids: jax.ops.segment_max(h, ids, num_segments=num_patches,
+                                                       indices_are_sorted=True))(
       h_BxNxD, patch_ids_BxN)
   return jnp.where(jnp.isfinite(pooled), pooled, 0).astype(h_BxNxD.dtype)
 

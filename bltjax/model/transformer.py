@@ -11,9 +11,10 @@ remat policy, which keeps compile time and compiled memory independent of depth.
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
-from bltjax.model import attention
-from bltjax.model.config import RuntimeConfig, TransformerConfig
+from bltjax.model import attention, fused_attention
+from bltjax.model.config import NAMED_REMAT_POLICIES, RuntimeConfig, TransformerConfig
 from bltjax.model.layers import Dense, RMSNorm, SwiGLU, apply_rope, constrain
 
 ACT = ("batch", "length", "act_embed")  # logical axes of [B, N, D] activations.
@@ -43,24 +44,22 @@ class SelfAttention(nn.Module):
     q = self.wq(x_BxNxD).reshape(b, n, c.n_heads, c.head_dim)
     k = self.wk(x_BxNxD).reshape(b, n, c.n_kv_heads, c.head_dim)
     v = self.wv(x_BxNxD).reshape(b, n, c.n_kv_heads, c.head_dim)
-    q = apply_rope(q, positions_BxN, c.rope_theta)
-    k = apply_rope(k, positions_BxN, c.rope_theta)
-    return q, k, v
+    q = checkpoint_name(apply_rope(q, positions_BxN, c.rope_theta), "query_proj")
+    k = checkpoint_name(apply_rope(k, positions_BxN, c.rope_theta), "key_proj")
+    return q, k, checkpoint_name(v, "value_proj")
 
   def out(self, o_BxNxHxE):
     b, n, h, e = o_BxNxHxE.shape
     o_BxNxHxE = constrain(o_BxNxHxE, ("batch", "length", "act_heads", None))
-    return self.wo(o_BxNxHxE.reshape(b, n, h * e))
+    return checkpoint_name(self.wo(o_BxNxHxE.reshape(b, n, h * e)), "out_proj")
 
   def __call__(self, x_BxNxD, positions_BxN, segment_ids_BxN, cache=None, slot_B=None,
                write_B=None):
     q, k, v = self.qkv(x_BxNxD, positions_BxN)
-    if cache is None:
-      # Positions are row positions 0..N-1 here, so blockwise local attention applies.
-      window = self.cfg.attn_window
-      o = attention.local_attention(q, k, v, segment_ids_BxN, window=window,
-                                    chunk=self.rt.chunk_for(window), loop=self.rt.attn_loop)
-      return self.out(o), None
+    if cache is None:  # positions are row positions 0..N-1 here
+      o = fused_attention.self_attention(q, k, v, segment_ids_BxN, window=self.cfg.attn_window,
+                                         rt=self.rt)
+      return self.out(checkpoint_name(o, "context")), None
     # Decoding one position per row (N = 1) against a KV cache.
     pos, seg = positions_BxN[:, 0], segment_ids_BxN[:, 0]
     cache = attention.write_kv_cache(cache, k[:, 0], v[:, 0], pos, seg, slot_B, write_B)
@@ -99,12 +98,20 @@ def scan_stack(block_cls, *, length: int, rt: RuntimeConfig, in_axes):
   whether it is broadcast (`nn.broadcast`) or scanned over (0).
   """
   if rt.remat_policy != "none":
-    policy = None if rt.remat_policy == "full" else getattr(jax.checkpoint_policies,
-                                                           rt.remat_policy)
-    block_cls = nn.remat(block_cls, policy=policy, prevent_cse=False)
+    block_cls = nn.remat(block_cls, policy=remat_policy(rt.remat_policy), prevent_cse=False)
   return nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                  in_axes=in_axes, length=length, unroll=min(rt.scan_unroll, length),
                  metadata_params={nn.PARTITION_NAME: "layers"})
+
+
+def remat_policy(name: str):
+  """The `jax.checkpoint` policy called `name`: 'full' (save nothing), one of NAMED_REMAT_POLICIES
+  (save the tagged values it lists) or a `jax.checkpoint_policies` name."""
+  if name == "full":
+    return None
+  if name in NAMED_REMAT_POLICIES:
+    return jax.checkpoint_policies.save_only_these_names(*NAMED_REMAT_POLICIES[name])
+  return getattr(jax.checkpoint_policies, name)
 
 
 # Block arguments after the carry: positions, segment ids (broadcast), per-layer KV cache (scanned

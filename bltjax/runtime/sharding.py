@@ -10,6 +10,7 @@ import contextlib
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -45,6 +46,9 @@ def make_mesh(shape, devices=None) -> jax.sharding.Mesh:
     raise ValueError(f"mesh shape must have 3 entries {MESH_AXES}, got {shape}")
   if shape.count(-1) > 1:
     raise ValueError(f"at most one mesh axis may be -1, got {shape}")
+  slices = num_slices(devices)
+  if slices > 1 and shape[0] == 1 and -1 in shape[1:]:
+    shape[0] = slices  # several slices: data parallel across them by default
   if -1 in shape:
     rest = int(np.prod([s for s in shape if s != -1]))
     if len(devices) % rest:
@@ -53,7 +57,20 @@ def make_mesh(shape, devices=None) -> jax.sharding.Mesh:
   if int(np.prod(shape)) != len(devices):
     raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} devices, "
                      f"but {len(devices)} are available")
+  if slices > 1:
+    # Only 'data' crosses slices (DCN: gradients once per step); fsdp and tensor stay on ICI.
+    if shape[0] % slices:
+      raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))}: 'data' must be a multiple of the "
+                       f"{slices} slices (it is the one axis over the data-center network)")
+    grid = mesh_utils.create_hybrid_device_mesh((shape[0] // slices, shape[1], shape[2]),
+                                               (slices, 1, 1), devices)
+    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
   return jax.make_mesh(tuple(shape), MESH_AXES, (AxisType.Auto,) * 3, devices=devices)
+
+
+def num_slices(devices) -> int:
+  """TPU slices the devices span (multi-slice runs connect slices over DCN); 1 elsewhere."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bltjax.data import flag_table
+from bltjax.model.layers import constrain
 from bltjax.runtime import sharding
 from bltjax.train import experiment
 
@@ -98,8 +99,34 @@ def host_stats(local) -> dict:
   stats = {name: int(c) for name, c in zip(FLAG_NAMES, local["doc_flag_counts"].sum(axis=0))}
   if "patch_lengths" in local:
     stats["bytes_per_patch"] = float(bytes_per_patch(local["mask"], local["patch_lengths"]))
+    stats["patch_padding"] = float(patch_padding(local["patch_lengths"]))
     stats["patch_overflow"] = int(local["patch_overflow"].sum())
   return stats
+
+
+def split_microbatches(batch, num):
+  """[B, ...] -> [num, B/num, ...]; microbatch m takes rows m, m+num, ... so that every device
+  keeps its own rows (the sharded batch axis stays sharded, no communication)."""
+  def split(x):
+    x = x.reshape(x.shape[0] // num, num, *x.shape[1:])
+    x = constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+    return jnp.swapaxes(x, 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def merge_microbatches(batch, num):
+  """The inverse of `split_microbatches`: [num, B/num, ...] -> [B, ...]."""
+  def merge(x):
+    x = jnp.swapaxes(x, 0, 1)
+    return constrain(x.reshape(-1, *x.shape[2:]), ("batch",) + (None,) * (x.ndim - 2))
+  return jax.tree.map(merge, batch)
+
+
+def patch_padding(lengths_BxP):
+  """Share of the latent's patch slots (B x max_patches) that hold no patch: computed, but no
+  model FLOPs; numpy or jax."""
+  xp = jnp if isinstance(lengths_BxP, jax.Array) else np
+  return 1 - xp.count_nonzero(lengths_BxP) / lengths_BxP.size
 
 
 def bytes_per_patch(mask_BxN, lengths_BxP):

@@ -13,6 +13,7 @@ commented in the experiment files, never defaulted here.
 
 import copy
 import importlib.util
+import math
 import os
 import re
 import typing
@@ -170,25 +171,18 @@ def _validate_stage(config, num_devices: int | None):
   _require(len(mesh) == 3, f"mesh.shape={tuple(mesh)} needs 3 entries (data, fsdp, tensor)")
   _require(mesh.count(-1) <= 1 and all(s == -1 or s >= 1 for s in mesh),
            f"mesh.shape={tuple(mesh)}: sizes must be >= 1, at most one -1")
-  fixed = 1
-  for s in mesh:
-    fixed *= s if s != -1 else 1
+  _require(t.steps >= 1, f"train.steps={t.steps} must be >= 1")
+  rows = t.get("rows_per_device")
+  _require(rows is None or (isinstance(rows, int) and not isinstance(rows, bool) and rows >= 1),
+           f"train.rows_per_device={rows!r} must be None or an int >= 1")
+  _require(rows is not None or (isinstance(t.microbatches, int) and t.microbatches >= 1),
+           f"train.microbatches={t.microbatches!r} must be an int >= 1 (or set "
+           "train.rows_per_device)")
   if num_devices is not None:
+    fixed = math.prod(s for s in mesh if s != -1)
     _require(num_devices % fixed == 0 and (-1 in mesh or fixed == num_devices),
              f"mesh.shape={tuple(mesh)} does not divide the {num_devices} available devices")
-    sizes = [num_devices // fixed if s == -1 else s for s in mesh]
-  else:
-    sizes = [1 if s == -1 else s for s in mesh]
-  batch_shards = sizes[0] * sizes[1]
-  _require(t.steps >= 1, f"train.steps={t.steps} must be >= 1")
-  _require(t.microbatches >= 1 and t.batch_size % t.microbatches == 0,
-           f"train.batch_size={t.batch_size} is not divisible by "
-           f"train.microbatches={t.microbatches}")
-  micro = t.batch_size // t.microbatches
-  _require(micro % batch_shards == 0,
-           f"train.batch_size={t.batch_size} / train.microbatches={t.microbatches} = {micro} "
-           f"rows is not divisible by the data-parallel size data*fsdp={batch_shards} "
-           f"(mesh.shape={tuple(sizes)})")
+    microbatches(config, num_devices)  # raises naming the fields that disagree
   try:
     sets = eval_sets(config)
   except ValueError as e:
@@ -236,6 +230,47 @@ def _validate_stage(config, num_devices: int | None):
              f"patching.max_patches={p.max_patches} must be in [2, data.seq_len + 1 = "
              f"{d.seq_len + 1}]")
   return model, patching
+
+
+def _batch_shards(config, num_devices: int) -> tuple[int, tuple[int, ...]]:
+  """(the data-parallel size data*fsdp, the mesh's sizes) of `config.mesh` on `num_devices`."""
+  mesh = list(config.mesh.shape)
+  fixed = math.prod(s for s in mesh if s != -1)
+  sizes = tuple(num_devices // fixed if s == -1 else s for s in mesh)
+  return sizes[0] * sizes[1], sizes
+
+
+def microbatches(config, num_devices: int) -> int:
+  """Gradient-accumulation steps per train step on `num_devices`.
+
+  With `train.rows_per_device` set, they follow from it: batch_size / (rows_per_device x
+  data*fsdp), so one config compiles for any device count (v5p-256: 128 chips, or 8 GPUs). An
+  explicit `train.microbatches` must then agree (None leaves it to rows_per_device).
+  """
+  t = config.train
+  shards, sizes = _batch_shards(config, num_devices)
+  rows = t.get("rows_per_device")
+  if rows is not None:
+    per_pass = rows * shards
+    _require(t.batch_size % per_pass == 0,
+             f"train.batch_size={t.batch_size} is not a multiple of train.rows_per_device={rows} "
+             f"x data*fsdp={shards} = {per_pass} rows per pass (mesh.shape={sizes} on "
+             f"{num_devices} devices)")
+    num = t.batch_size // per_pass
+    _require(t.microbatches is None or t.microbatches == num,
+             f"train.microbatches={t.microbatches} contradicts train.rows_per_device={rows}, "
+             f"which gives {num} on {num_devices} devices (batch_size={t.batch_size} / "
+             f"({rows} x data*fsdp={shards})); set train.microbatches=None")
+    return num
+  _require(t.batch_size % t.microbatches == 0,
+           f"train.batch_size={t.batch_size} is not divisible by "
+           f"train.microbatches={t.microbatches}")
+  micro = t.batch_size // t.microbatches
+  _require(micro % shards == 0,
+           f"train.batch_size={t.batch_size} / train.microbatches={t.microbatches} = {micro} "
+           f"rows is not divisible by the data-parallel size data*fsdp={shards} "
+           f"(mesh.shape={sizes})")
+  return t.microbatches
 
 
 def _validate_tokenizer(config, model):
@@ -319,7 +354,8 @@ def tiny(config) -> ml_collections.ConfigDict:
 
   def shrink_stage(s):
     s.data.update(seq_len=128, num_workers=0)
-    s.train.update(steps=4, batch_size=8, microbatches=1, log_every=2, eval_every=4,
+    s.train.update(steps=4, batch_size=8, microbatches=1, rows_per_device=None, log_every=2,
+                   eval_every=4,
                    eval_batches=1, checkpoint_every=2)
     s.optim.update(warmup_steps=1)
     s.mesh.shape = (1, -1, 1)

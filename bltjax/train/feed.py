@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 from bltjax.data import preprocessed
 from bltjax.model.config import LMConfig
-from bltjax.train import batch as batch_lib, patcher as patcher_lib
+from bltjax.train import batch as batch_lib, experiment, patcher as patcher_lib
 
 
 class Feed:
@@ -51,7 +51,8 @@ def setup(config, mesh, entropy_checkpoint: str | None,
   input_spec = batch_lib.input_spec(config, batch_size, with_entropies=stored is not None)
   device_patcher = entropy_cfg = None
   if batch_lib.device_patching(config):
-    device_patcher = patcher_lib.DevicePatcher(patcher, mesh, input_spec)
+    device_patcher = patcher_lib.DevicePatcher(
+        patcher, mesh, input_spec, chunks=experiment.microbatches(config, mesh.size))
     if patcher.entropy is not None:
       # The entropy model's forward pass runs on the same chips: MFU counts it (bltjax.train.flops).
       entropy_cfg = LMConfig.from_dict(patcher.entropy.model)

@@ -188,13 +188,13 @@ class DevicePatcher:
   loop fetches with the step's metrics, one step late.
   """
 
-  def __init__(self, patcher: Patcher, mesh, input_specs: dict):
+  def __init__(self, patcher: Patcher, mesh, input_specs: dict, chunks: int = 1):
     p = patcher
     model, host_params = None, None
     if p.config.mode == "entropy" and p.entropy is not None:
       model, host_params = load_entropy_model(p.entropy)
     lowered, param_sh, self.input_shardings = lower(model, p.config, p.max_patches, mesh,
-                                                    input_specs)
+                                                    input_specs, chunks)
     self.compiled = lowered.compile()
     self.params = None if model is None else jax.tree.map(jax.device_put, host_params, param_sh)
     logging.info("DevicePatcher ready: mode=%s, %d rows x max_patches=%d on mesh %s",
@@ -209,11 +209,12 @@ class DevicePatcher:
 
 
 def lower(model: TransformerLM | None, pc: PatchingConfig, max_patches: int, mesh,
-          input_specs: dict):
+          input_specs: dict, chunks: int = 1):
   """The patching function lowered on abstract inputs (also what `bltjax.aot` compiles).
 
   Returns (lowered, param shardings or None, input shardings). `model` None: the rows' stored
-  entropies (or the bytes alone) decide.
+  entropies (or the bytes alone) decide. The entropy model runs over the batch in `chunks`
+  passes (the train step's microbatches): its activations are those of one microbatch.
   """
   input_sh = batch_lib.shardings(mesh, input_specs)
   param_sh = abstract_params = None
@@ -227,21 +228,25 @@ def lower(model: TransformerLM | None, pc: PatchingConfig, max_patches: int, mes
                                    sharding.unbox(boxed)["params"], param_sh)
   out_sh = (sharding.batch_sharding(mesh, 2),
             dict(bytes_per_patch=sharding.replicated(mesh),
+                 patch_padding=sharding.replicated(mesh),
                  patch_overflow=sharding.replicated(mesh)))
-  fn = functools.partial(_cut_on_device, model=model, pc=pc, max_patches=max_patches)
+  fn = functools.partial(_cut_on_device, model=model, pc=pc, max_patches=max_patches,
+                         chunks=chunks)
   with sharding.mesh_context(mesh):
     lowered = jax.jit(fn, in_shardings=(param_sh, input_sh), out_shardings=out_sh).lower(
         abstract_params, input_specs)
   return lowered, param_sh, input_sh
 
 
-def _cut_on_device(params, inputs, *, model, pc, max_patches):
+def _cut_on_device(params, inputs, *, model, pc, max_patches, chunks=1):
   tokens = inputs["tokens"]
   if model is not None:
-    entropies = entropies_fn(model)(params, tokens)
+    fn = functools.partial(entropies_fn(model), params)
+    entropies = (fn(tokens) if chunks == 1 else batch_lib.merge_microbatches(
+        jax.lax.map(fn, batch_lib.split_microbatches(tokens, chunks)), chunks))
   else:
     entropies = inputs.get("entropies")
   lengths, overflow = patching.cut_rows(tokens, entropies, pc, max_patches)
   stats = dict(bytes_per_patch=batch_lib.bytes_per_patch(inputs["mask"], lengths),
-               patch_overflow=jnp.sum(overflow))
+               patch_padding=batch_lib.patch_padding(lengths), patch_overflow=jnp.sum(overflow))
   return lengths, stats

@@ -15,7 +15,7 @@ metrics, one step late, and stops or warns (`train.nonfinite`, `train.max_skippe
       train, evaluate = step.lower_steps(
           abstract_state, batch_spec, loss_fn=step.make_loss_fn(config, model),
           optimizer=optimizer, shardings=step.StepShardings(mesh, state_sh, batch_sh),
-          with_eval=True, **step.train_options(config))
+          with_eval=True, **step.train_options(config, mesh.size))
       train_fn, eval_fn = train.compile(), evaluate.compile()
 
 train_fn: (state, batch) -> (state, metrics), the state donated; eval_fn: (params, batch) ->
@@ -30,9 +30,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bltjax.model.layers import constrain
 from bltjax.runtime import sharding
-from bltjax.train import batch as batch_lib, optim, train_state as ts
+from bltjax.train import batch as batch_lib, experiment, optim, train_state as ts
 
 LN2 = math.log(2.0)
 
@@ -54,16 +53,6 @@ def make_loss_fn(config, model):
     logits = model.apply({"params": params}, *batch_lib.model_inputs(config, batch))
     return loss_sums(logits, batch["targets"], batch["mask"], batch.get("target_bytes"))
   return loss_fn
-
-
-def _split_microbatches(batch, num):
-  """[B, ...] -> [num, B/num, ...]; microbatch m takes rows m, m+num, ... so that every device
-  keeps its own rows (the sharded batch axis stays sharded, no communication)."""
-  def split(x):
-    x = x.reshape(x.shape[0] // num, num, *x.shape[1:])
-    x = constrain(x, ("batch",) + (None,) * (x.ndim - 1))
-    return jnp.swapaxes(x, 0, 1)
-  return jax.tree.map(split, batch)
 
 
 def all_finite(tree) -> jax.Array:
@@ -101,7 +90,8 @@ def train_step(state: ts.TrainState, batch, *, loss_fn, optimizer, lr_fn, microb
   else:
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     (grads, ce, count), _ = jax.lax.scan(
-        micro, (zeros, jnp.float32(0), jnp.float32(0)), _split_microbatches(batch, microbatches))
+        micro, (zeros, jnp.float32(0), jnp.float32(0)),
+        batch_lib.split_microbatches(batch, microbatches))
   denom = jnp.maximum(count, 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -142,10 +132,12 @@ class StepShardings(NamedTuple):
   batch: dict  # name -> NamedSharding (batch.shardings)
 
 
-def train_options(config) -> dict:
-  """The train step's settings from config.train and config.optim: keywords of lower_steps."""
+def train_options(config, num_devices: int) -> dict:
+  """The train step's settings from config.train and config.optim on `num_devices` (the number of
+  microbatches may follow from it): keywords of lower_steps."""
   t = config.train
-  return dict(lr_fn=optim.lr_schedule(config.optim, t.steps), microbatches=t.microbatches,
+  return dict(lr_fn=optim.lr_schedule(config.optim, t.steps),
+              microbatches=experiment.microbatches(config, num_devices),
               loss_spike_factor=t.loss_spike_factor, loss_spike_horizon=t.loss_spike_horizon)
 
 

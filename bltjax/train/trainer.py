@@ -27,6 +27,8 @@ from bltjax.train import (batch as batch_lib, experiment, feed as feed_lib, flop
                           optim, patcher, preemption, step as step_lib, train_state as ts)
 
 ENTROPY_STAGE_DIR = patcher.ENTROPY_STAGE_DIR
+# Patch statistics averaged over a logging interval's batches (the others are counts, summed).
+MEAN_STATS = ("bytes_per_patch", "patch_padding")
 
 
 class Preempted(Exception):
@@ -173,7 +175,7 @@ def train_stage(config, model_cfg, workdir: str, *, entropy_checkpoint: str | No
           abstract, inputs.step_spec, loss_fn=step_lib.make_loss_fn(config, model),
           optimizer=optimizer,
           shardings=step_lib.StepShardings(mesh, state_sh, inputs.batch_shardings),
-          with_eval=bool(t.eval_batches), **step_lib.train_options(config))
+          with_eval=bool(t.eval_batches), **step_lib.train_options(config, mesh.size))
       train_fn = train_lowered.compile()
       eval_fn = None if eval_lowered is None else eval_lowered.compile()
       logging.info("Compiled the %s in %.1fs", "train and eval steps" if eval_fn is not None else
@@ -368,7 +370,7 @@ class _Loop:
                    data_wait_fraction=min(interval["data"] / elapsed, 1.0))
     for key in stats[0] if stats else ():
       vals = [float(x[key]) for x in stats]
-      values[key] = float(np.mean(vals)) if key == "bytes_per_patch" else float(np.sum(vals))
+      values[key] = float(np.mean(vals) if key in MEAN_STATS else np.sum(vals))
     values |= self._throughput(values)
     self.writer.write(step, values)
     self.progress.update(step, values)
