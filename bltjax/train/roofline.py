@@ -32,8 +32,8 @@ from bltjax.train import flops
 def block_seconds(tc: TransformerConfig, rt: RuntimeConfig, device, *, rows: int,
                   length: int) -> dict:
   """The compiler's roofline for one block's forward + backward on `rows` rows of `length` on
-  one `device` (an abstract TPU device): {'compiler_s', 'kernel_s', 'seconds', 'flops'}; the
-  kernels' share comes from their analytic FLOPs at `peak` (see the module docstring)."""
+  one `device` (an abstract TPU device): {'compiler_s': its optimal_seconds, 'kernel_flops': the
+  attention kernels' analytic FLOPs (opaque to the compiler), 'flops': the block's model FLOPs}."""
   block = transformer.Block(tc, rt)
   policy = None if rt.remat_policy == "none" else transformer.remat_policy(rt.remat_policy)
   dtype = jnp.dtype(rt.dtype)
