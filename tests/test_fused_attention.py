@@ -176,9 +176,9 @@ def test_cached_generation_equals_recomputation_with_splash():
 
 
 def test_auto_picks_xla_on_cpu_and_cudnn_names_what_it_cannot_run():
-  assert fused_attention.resolve("auto", head_dim=32, dtype=jnp.float32, window=None,
+  assert fused_attention.resolve("auto", head_dim=32, dtype=jnp.float32,
                                  length=64) == ("xla", None)
-  assert fused_attention.resolve("splash", head_dim=32, dtype=jnp.float32, window=8,
+  assert fused_attention.resolve("splash", head_dim=32, dtype=jnp.float32,
                                  length=64) == ("splash", None)
   why = fused_attention.cudnn_unsupported
   assert "float32" in why(head_dim=128, dtype=jnp.float32, length=4096)
@@ -186,7 +186,7 @@ def test_auto_picks_xla_on_cpu_and_cudnn_names_what_it_cannot_run():
   assert "16384" in why(head_dim=128, dtype=jnp.bfloat16, length=16384)
   assert why(head_dim=128, dtype=jnp.bfloat16, length=4096) is None
   with pytest.raises(ValueError, match="model.runtime.attention='flash'"):
-    fused_attention.resolve("flash", head_dim=32, dtype=jnp.float32, window=None, length=8)
+    fused_attention.resolve("flash", head_dim=32, dtype=jnp.float32, length=8)
 
 
 def test_the_runtime_names_a_bad_backend_or_block():

@@ -70,8 +70,7 @@ def target_platform() -> str:
   return _TARGET.get() or jax.default_backend()
 
 
-def resolve(backend: str, *, head_dim: int, dtype, window: int | None,
-            length: int) -> tuple[str, str | None]:
+def resolve(backend: str, *, head_dim: int, dtype, length: int) -> tuple[str, str | None]:
   """(the backend that runs, the reason when `auto` on a GPU falls back to xla)."""
   if backend not in ATTENTION_BACKENDS:
     raise ValueError(f"model.runtime.attention={backend!r} must be one of {ATTENTION_BACKENDS}")
@@ -108,8 +107,7 @@ def self_attention(q_BxNxHxE, k_BxNxKxE, v_BxNxKxE, segment_ids_BxN, *, window: 
   """Causal self-attention within segments (documents) and the window, by `rt.attention`.
   Queries and keys are at row positions 0..N-1. Returns [B, N, H, E] in q's dtype."""
   n, e = q_BxNxHxE.shape[1], q_BxNxHxE.shape[-1]
-  backend, why = resolve(rt.attention, head_dim=e, dtype=q_BxNxHxE.dtype, window=window,
-                         length=n)
+  backend, why = resolve(rt.attention, head_dim=e, dtype=q_BxNxHxE.dtype, length=n)
   if why:
     _warn_once(f"window {window}" if window else "the latent transformer", why)
   if backend == "xla":

@@ -202,7 +202,7 @@ def _attention_backends(config, platform: str) -> dict:
     if section and "runtime" in section:
       backend = section.runtime.get("attention", "xla")
       with fused_attention.compiling_for(platform):
-        out[name] = fused_attention.resolve(backend, head_dim=128, dtype="bfloat16", window=None,
+        out[name] = fused_attention.resolve(backend, head_dim=128, dtype="bfloat16",
                                             length=0)[0]
   return out
 
